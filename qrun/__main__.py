@@ -1,0 +1,3 @@
+from qrun.cli import main
+
+main()

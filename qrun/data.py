@@ -1,0 +1,248 @@
+"""Datasets and loaders: where each dataset is found, how it is transformed, and seeded subsets and order.
+
+Fashion-MNIST and MNIST are read straight from their idx files (gzipped or not) into memory: the Debian
+package `dataset-fashion-mnist` ships exactly those files, and a 60k x 28 x 28 tensor needs no loader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from qrun.errors import QrunError, choice_error
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+
+
+# ----------------------------------------------------------------------------------------------- idx (MNIST family)
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an idx file (the MNIST container format): magic, dims as big-endian int32, then uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    dtype_code, ndim = raw[2], raw[3]
+    if raw[0] != 0 or raw[1] != 0 or dtype_code != 0x08:
+        raise QrunError(f"{path} is not an unsigned-byte idx file")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(stem: str, folders: Sequence[Path]) -> Optional[Path]:
+    for folder in folders:
+        for candidate in (folder / f"{stem}.gz", folder / stem):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _idx_folders(root: Optional[str], torchvision_name: str, default: Optional[Path]) -> list[Path]:
+    folders: list[Path] = []
+    if root:
+        base = Path(root).expanduser()
+        folders += [base, base / "raw", base / torchvision_name / "raw"]
+    elif default is not None:
+        folders.append(default)
+    return folders
+
+
+class InMemoryImages(Dataset):
+    """uint8 images held as one tensor and served a batch at a time.
+
+    DataLoader calls `__getitems__` with a whole batch of indices, so conversion and normalisation are one
+    tensor operation per batch instead of a Python transform per sample (per-sample transforms took half of
+    each epoch on 2 CPU cores). Augmentation, when asked for, still runs per sample on [0, 1] images.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                 augment: Optional[Callable] = None) -> None:
+        self.images = torch.from_numpy(images.copy()).unsqueeze(1)  # (N, 1, H, W) uint8
+        self.labels = torch.from_numpy(labels.astype(np.int64))
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        images = self.images[index].float().div_(255.0)
+        if self.augment is not None:
+            images = torch.stack([self.augment(image) for image in images])
+        images = images.sub_(self.mean).div_(self.std)
+        return list(zip(images.unbind(0), self.labels[index].unbind(0)))
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.__getitems__([index])[0]
+
+
+def _load_idx_dataset(cfg, title: str, torchvision_name: str, default: Optional[Path], hint: str) -> DataSplits:
+    folders = _idx_folders(cfg.root, torchvision_name, default)
+    splits = {}
+    for split, (image_stem, label_stem) in IDX_FILES.items():
+        image_path, label_path = _find_idx(image_stem, folders), _find_idx(label_stem, folders)
+        if image_path is None or label_path is None:
+            looked = ", ".join(str(f) for f in folders) or "(no dataset.root given)"
+            raise QrunError(f"{title} not found: no {image_stem}[.gz] in {looked}; {hint}")
+        augment = augmentation(cfg) if split == "train" else None
+        splits[split] = InMemoryImages(read_idx(image_path), read_idx(label_path), cfg.mean, cfg.std, augment)
+    return DataSplits(splits["train"], splits["val"])
+
+
+def _fashion_mnist(cfg) -> DataSplits:
+    hint = ("install it with `apt-get install dataset-fashion-mnist` (files land in "
+            f"{DEBIAN_FASHION_MNIST}) or set dataset.root to a folder holding the four idx files")
+    return _load_idx_dataset(cfg, "Fashion-MNIST", "FashionMNIST", DEBIAN_FASHION_MNIST, hint)
+
+
+def _mnist(cfg) -> DataSplits:
+    hint = "set dataset.root to a folder holding the four MNIST idx files (torchvision's MNIST/raw layout works)"
+    return _load_idx_dataset(cfg, "MNIST", "MNIST", None, hint)
+
+
+# -------------------------------------------------------------------------------------------- torchvision layouts
+def _cifar(cfg, cls) -> DataSplits:
+    root = _require_root(cfg)
+    try:
+        train = cls(root, train=True, download=cfg.download, transform=build_transform(cfg, train=True))
+        val = cls(root, train=False, download=cfg.download, transform=build_transform(cfg, train=False))
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        raise QrunError(f"{cls.__name__} not found or corrupted under {root}: {error} "
+                        "(set dataset.download=true where a network is reachable)") from None
+    return DataSplits(train, val)
+
+
+def _imagenet(cfg) -> DataSplits:
+    root = Path(_require_root(cfg))
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise QrunError(f"ImageNet not found: {root / split} is not a directory; dataset.root must hold "
+                            "train/ and val/ in ImageFolder layout (one folder per class)")
+    return DataSplits(tv_datasets.ImageFolder(str(root / "train"), build_transform(cfg, train=True)),
+                      tv_datasets.ImageFolder(str(root / "val"), build_transform(cfg, train=False)))
+
+
+def _fake(cfg) -> DataSplits:
+    shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
+    transform = T.Compose([T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    train = tv_datasets.FakeData(size=cfg.train_samples or 256, image_size=shape, num_classes=cfg.num_classes,
+                                 transform=transform, random_offset=0)
+    # A distinct offset so validation images differ from training images.
+    val = tv_datasets.FakeData(size=cfg.val_samples or 128, image_size=shape, num_classes=cfg.num_classes,
+                               transform=transform, random_offset=1_000_000)
+    return DataSplits(train, val)
+
+
+def _require_root(cfg) -> str:
+    if not cfg.root:
+        raise QrunError(f"dataset {cfg.name!r} needs dataset.root=<folder>; none was given")
+    return os.path.expanduser(str(cfg.root))
+
+
+DATASETS: dict[str, Callable] = {
+    "fashion_mnist": _fashion_mnist,
+    "mnist": _mnist,
+    "cifar10": lambda cfg: _cifar(cfg, tv_datasets.CIFAR10),
+    "cifar100": lambda cfg: _cifar(cfg, tv_datasets.CIFAR100),
+    "imagenet": _imagenet,
+    "fake": _fake,
+}
+
+
+# ------------------------------------------------------------------------------------------------------ transforms
+def augmentation(cfg) -> Optional[Callable]:
+    """Random crop with padding (and a flip where mirror images are still the same class), if `dataset.augment`."""
+    if not cfg.augment:
+        return None
+    steps: list[Callable] = [T.RandomCrop(cfg.image_size, padding=cfg.image_size // 8)]
+    if cfg.name != "mnist":  # digits are not mirror-symmetric; clothes and CIFAR objects are
+        steps.append(T.RandomHorizontalFlip())
+    return T.Compose(steps)
+
+
+def build_transform(cfg, train: bool) -> Callable:
+    """Standard per-dataset transforms for image files (PIL); augmentation only for training."""
+    normalize = T.Normalize(cfg.mean, cfg.std)
+    size = cfg.image_size
+    if cfg.name == "imagenet":
+        if train:
+            return T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+        return T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), normalize])
+    augment = augmentation(cfg) if train else None
+    return T.Compose([*([augment] if augment else []), T.ToTensor(), normalize])
+
+
+# --------------------------------------------------------------------------------------------------------- public
+def build_datasets(cfg) -> DataSplits:
+    """Train and validation sets for `cfg` (the `dataset` config node), cut to seeded subsets if asked."""
+    if cfg.name not in DATASETS:
+        raise choice_error("dataset", cfg.name, list(DATASETS))
+    splits = DATASETS[cfg.name](cfg)
+    return DataSplits(_subset(splits.train, cfg.train_samples, cfg.subset_seed),
+                      _subset(splits.val, cfg.val_samples, cfg.subset_seed + 1))
+
+
+def _subset(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
+    """A fixed random subset: the same `count` samples whatever the training seed, so runs compare fairly."""
+    if count is None or count >= len(dataset):
+        return dataset
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
+    return Subset(dataset, indices.sort().values.tolist())
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed that fixes the data order and augmentation of one epoch, so a resumed run replays it exactly."""
+    return seed * 100_003 + epoch
+
+
+class EpochLoader:
+    """A DataLoader whose shuffle order and worker seeds are a pure function of (seed, epoch)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, workers: int, seed: int,
+                 pin_memory: bool = False, sampler_factory: Optional[Callable] = None) -> None:
+        self.generator = torch.Generator()
+        self.seed = seed
+        self.sampler = sampler_factory(dataset) if sampler_factory else None
+        self.loader = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and self.sampler is None,
+                                 sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
+                                 generator=self.generator, persistent_workers=False)
+
+    def epoch(self, epoch: int) -> DataLoader:
+        self.generator.manual_seed(epoch_seed(self.seed, epoch))
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        return self.loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+
+def first_batches(dataset: Dataset, count: int, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Inputs of `count` seeded random batches, for data-dependent quantizer initialisation."""
+    if count <= 0:
+        return
+    generator = torch.Generator().manual_seed(epoch_seed(seed, -1))
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator)
+    for index, (images, _) in enumerate(loader):
+        if index >= count:
+            return
+        yield images

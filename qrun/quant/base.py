@@ -1,0 +1,105 @@
+"""The interface every quantizer implements, and the registry that builds them by name.
+
+A quantizer is an nn.Module that fake-quantizes a tensor (same shape and dtype out). Learned quantities are
+nn.Parameters so they train, checkpoint and log like any other parameter; data-dependent initial values are
+set during a calibration pass driven by `qrun.quant.initialize_from_data`, never inside the training loop.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, ClassVar
+
+import torch
+from torch import nn
+
+from qrun.errors import QrunError, choice_error
+
+KINDS = ("weight", "act")
+
+
+class Quantizer(nn.Module):
+    """Base class: subclasses set `name`, the kinds and bit range they support, and implement `quantize`."""
+
+    name: ClassVar[str] = ""
+    supported_kinds: ClassVar[tuple[str, ...]] = KINDS
+    min_bits: ClassVar[int] = 1
+    max_bits: ClassVar[int] = 16
+
+    def __init__(self, bits: int, kind: str) -> None:
+        super().__init__()
+        self.bits = int(bits)
+        self.kind = kind
+        self.calibrating = False
+        # A buffer, so a checkpoint remembers that data-dependent values were already set.
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            # During calibration the float tensor flows on untouched, so downstream layers see the
+            # statistics they would see without quantization, and this quantizer records what it needs.
+            self.observe(x.detach())
+            return x
+        return self.quantize(x)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__} must implement quantize()")
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Record statistics of a calibration batch; quantizers without data-dependent init ignore it."""
+
+    def finish_calibration(self) -> None:
+        """Turn recorded statistics into initial parameter values; called once after the calibration batches."""
+        self.initialized.fill_(True)
+
+    def learned_values(self) -> dict[str, float]:
+        """Scalar summaries of learned (or data-derived) values, for TensorBoard and the learned-parameter table."""
+        return {}
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bits={self.bits}"
+
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+
+def register_quantizer(cls: type[Quantizer]) -> type[Quantizer]:
+    """Class decorator: register under `cls.name`; a duplicate name is a programming error."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"quantizer {cls.name!r} is already registered by {_REGISTRY[cls.name].__name__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_quantizers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def quantizer_class(name: str) -> type[Quantizer]:
+    if name not in _REGISTRY:
+        raise choice_error("quantizer", name, ["none", *_REGISTRY])
+    return _REGISTRY[name]
+
+
+def check_options(factory: Callable[..., object], options: dict[str, object], what: str) -> None:
+    """Refuse option names the factory does not take, listing those it does."""
+    accepted = [p for p in inspect.signature(factory).parameters if p not in ("self", "bits", "kind")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise QrunError(f"unknown option(s) {', '.join(unknown)} for {what}; accepted: {', '.join(accepted) or 'none'}")
+
+
+def build_quantizer(name: str, bits: int, kind: str, **options: object) -> Quantizer:
+    """Build one quantizer instance; every layer and side (weight/act) gets its own."""
+    cls = quantizer_class(name)
+    if kind not in KINDS:
+        raise choice_error("quantizer kind", kind, KINDS)
+    if kind not in cls.supported_kinds:
+        raise QrunError(f"quantizer {name!r} cannot quantize {kind} tensors; it supports: {', '.join(cls.supported_kinds)}")
+    if not cls.min_bits <= int(bits) <= cls.max_bits:
+        accepted = str(cls.min_bits) if cls.min_bits == cls.max_bits else f"{cls.min_bits}..{cls.max_bits}"
+        raise QrunError(f"quantizer {name!r} does not support {kind} bits={bits}; accepted: {accepted}")
+    check_options(cls.__init__, options, f"quantizer {name!r}")
+    return cls(bits=int(bits), kind=kind, **options)

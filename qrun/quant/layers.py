@@ -1,0 +1,81 @@
+"""Drop-in quantized layers: subclasses of Conv2d/Linear with the same signature and state-dict keys.
+
+With no quantizers attached they compute exactly what the float layer computes, so a float checkpoint loads
+into them and a quantizer can be attached, detached or swapped without touching the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qrun.quant.base import Quantizer
+
+
+class QuantizedLayer:
+    """Mixin holding the quantizer slots shared by QuantConv2d and QuantLinear."""
+
+    weight_quantizer: Optional[Quantizer]
+    input_quantizer: Optional[Quantizer]
+
+    def _init_quantizers(self, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer]) -> None:
+        self.weight_quantizer = weight_quantizer
+        self.input_quantizer = input_quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+
+class QuantConv2d(QuantizedLayer, nn.Conv2d):
+    def __init__(self, *args, weight_quantizer: Optional[Quantizer] = None,
+                 input_quantizer: Optional[Quantizer] = None, **kwargs) -> None:
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._init_quantizers(weight_quantizer, input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, weight_quantizer: Optional[Quantizer] = None,
+                   input_quantizer: Optional[Quantizer] = None) -> "QuantConv2d":
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                    dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                    padding_mode=conv.padding_mode, device=conv.weight.device, dtype=conv.weight.dtype,
+                    weight_quantizer=weight_quantizer, input_quantizer=input_quantizer)
+        _copy_parameters(conv, layer)
+        return layer
+
+
+class QuantLinear(QuantizedLayer, nn.Linear):
+    def __init__(self, *args, weight_quantizer: Optional[Quantizer] = None,
+                 input_quantizer: Optional[Quantizer] = None, **kwargs) -> None:
+        nn.Linear.__init__(self, *args, **kwargs)
+        self._init_quantizers(weight_quantizer, input_quantizer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, weight_quantizer: Optional[Quantizer] = None,
+                   input_quantizer: Optional[Quantizer] = None) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype,
+                    weight_quantizer=weight_quantizer, input_quantizer=input_quantizer)
+        _copy_parameters(linear, layer)
+        return layer
+
+
+def _copy_parameters(source: nn.Module, target: nn.Module) -> None:
+    with torch.no_grad():
+        target.weight.copy_(source.weight)
+        if source.bias is not None:
+            target.bias.copy_(source.bias)
+
+
+QUANTIZED_TYPES: dict[type[nn.Module], type[nn.Module]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
