@@ -118,6 +118,14 @@ class QrunConfig:
     compile: bool = False
     # NHWC tensors: oneDNN's CPU convolutions (and tensor cores) run markedly faster on them.
     channels_last: bool = True
+    # Multirun folder name: sweeps land in multirun/<sweep>/<job>; the same name and command resume a sweep.
+    sweep: str = "default"
+    # CPU threads for this job; null: cores / parallel jobs (joblib n_jobs, SLURM cpus_per_task, torchrun ranks).
+    threads: Optional[int] = None
+    # Under torchrun: convert BatchNorm to SyncBatchNorm so statistics cover the global batch.
+    sync_bn: bool = False
+    # Under torchrun: null picks nccl on CUDA and gloo on CPU.
+    dist_backend: Optional[str] = None
 
 
 def register_configs() -> None:
@@ -128,6 +136,7 @@ def register_configs() -> None:
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
+DIST_BACKENDS = ("gloo", "nccl")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -137,6 +146,10 @@ def validate(cfg: DictConfig) -> None:
         if not MIN_BITS <= value <= MAX_BITS:
             raise QrunError(f"{key}={value} is out of range; accepted: integers {MIN_BITS}..{MAX_BITS}")
     _check_positive(cfg, ("epochs", "batch_size", "eval_batch_size"))
+    if cfg.get("threads") is not None and cfg.threads < 1:
+        raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
+    if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
+        raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
     if cfg.workers < 0:
         raise QrunError(f"workers={cfg.workers} is negative; accepted: 0 or more")
     for key in ("train_samples", "val_samples"):

@@ -20,9 +20,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, quant
+from qrun import checkpoint, complexity, distributed, quant, resources
 from qrun.config import effective_bits, mode_name, validate
-from qrun.data import DataSplits, EpochLoader, build_datasets, first_batches
+from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
 from qrun.engine import evaluate, to_device, train_one_epoch
 from qrun.errors import QrunError
 from qrun.models import get_model
@@ -42,6 +42,7 @@ class RunContext:
     output_dir: Path
     device: torch.device
     started: float
+    dist: distributed.DistInfo = distributed.SINGLE
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -51,13 +52,21 @@ class RunContext:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate, set up, and run the requested mode; returns what was written to results.json."""
     validate(cfg)
-    context = RunContext(cfg=cfg, output_dir=output_dir(cfg), device=select_device(cfg.device),
-                         started=time.perf_counter())
-    configure_determinism(cfg.seed, cfg.deterministic)
+    resources.configure_threads(cfg.threads)
     mode = mode_name(cfg)
     if mode not in MODES:
         raise QrunError(f"mode={mode} is not implemented; accepted: {', '.join(MODES)}")
-    return MODES[mode](context)
+    device = select_device(cfg.device)
+    dist_info = distributed.setup(device, cfg.dist_backend)
+    try:
+        # Every rank writes into rank 0's folder: a timestamped run dir may resolve differently on other ranks.
+        context = RunContext(cfg=cfg, output_dir=Path(distributed.broadcast_object(str(output_dir(cfg)), dist_info)),
+                             device=distributed.device_for(device, dist_info), started=time.perf_counter(),
+                             dist=dist_info)
+        configure_determinism(cfg.seed, cfg.deterministic)
+        return MODES[mode](context)
+    finally:
+        distributed.teardown(dist_info)
 
 
 # ------------------------------------------------------------------------------------------------------- set-up
@@ -124,10 +133,16 @@ def network_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in quant_ids)
 
 
-def build_loaders(cfg: DictConfig, data: DataSplits, device: torch.device) -> tuple[EpochLoader, EpochLoader]:
+def build_loaders(cfg: DictConfig, data: DataSplits, device: torch.device,
+                  dist_info: distributed.DistInfo = distributed.SINGLE) -> tuple[EpochLoader, EpochLoader]:
+    """Under DDP each rank loads its shard with its share of the (global) batch sizes."""
     pin = device.type == "cuda"
-    train = EpochLoader(data.train, cfg.batch_size, shuffle=True, workers=cfg.workers, seed=cfg.seed, pin_memory=pin)
-    val = EpochLoader(data.val, cfg.eval_batch_size, shuffle=False, workers=cfg.workers, seed=cfg.seed, pin_memory=pin)
+    train = EpochLoader(data.train, distributed.per_rank_batch(cfg.batch_size, dist_info), shuffle=True,
+                        workers=cfg.workers, seed=cfg.seed, pin_memory=pin,
+                        sampler_factory=distributed.train_sampler_factory(dist_info, epoch_seed(cfg.seed, 0)))
+    val = EpochLoader(data.val, max(1, cfg.eval_batch_size // dist_info.world_size), shuffle=False,
+                      workers=cfg.workers, seed=cfg.seed, pin_memory=pin,
+                      sampler_factory=distributed.eval_sampler_factory(dist_info))
     return train, val
 
 
@@ -150,7 +165,7 @@ def train(context: RunContext) -> dict[str, Any]:
         log.info("already finished in %s (epoch %d); nothing to do", context.output_dir, finished["epoch"])
         return finished
     data = build_datasets(cfg.dataset)
-    train_loader, val_loader = build_loaders(cfg, data, context.device)
+    train_loader, val_loader = build_loaders(cfg, data, context.device, context.dist)
     state = build_training_state(cfg, context, len(train_loader))
     resume_path = resume_checkpoint(cfg, context)
     if resume_path is not None:
@@ -162,6 +177,7 @@ def train(context: RunContext) -> dict[str, Any]:
             data.train, cfg.quant.init_batches, cfg.batch_size, cfg.seed)))
         if used:
             log.info("initialised quantizers from %d training batches", used)
+    state.model = distributed.prepare_model(state.model, context.dist, cfg.sync_bn)
     metrics = fit(state, context, train_loader, val_loader)
     return finish_training(state, context, metrics)
 
@@ -179,8 +195,9 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
     """Epochs from the one after `state.epoch` to cfg.epochs; a checkpoint after each, so a kill costs one epoch."""
     cfg = context.cfg
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    step_model = torch.compile(state.model) if cfg.compile else state.model
-    logger = Logger(context.output_dir / "tb")
+    step_model = distributed.wrap(state.model, context.dist, context.device)
+    step_model = torch.compile(step_model) if cfg.compile else step_model
+    logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
     metrics: dict[str, float] = dict(state.history[-1]) if state.history else {}
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -188,13 +205,18 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
             train_metrics = train_one_epoch(step_model, criterion, state.optimizer, state.scheduler,
                                             train_loader.epoch(epoch), context.device, epoch, cfg.progress,
                                             state.scaler, cfg.channels_last)
+            train_metrics = distributed.reduce_metrics(train_metrics, len(train_loader.loader.sampler),
+                                                       context.dist, averaged=("loss", "top1"))
             val_metrics = evaluate(step_model, val_loader.epoch(epoch), context.device, progress=cfg.progress,
                                    channels_last=cfg.channels_last)
+            val_metrics = distributed.reduce_metrics(val_metrics, val_metrics["samples"], context.dist,
+                                                     averaged=("loss", "top1", "top5"))
             metrics = epoch_metrics(epoch, lr, train_metrics, val_metrics)
             state.epoch, state.best_top1 = epoch, max(state.best_top1, val_metrics["top1"])
             state.history.append(metrics)
             log_epoch(logger, state.model, metrics)
-            save_checkpoints(state, context, metrics, is_best=val_metrics["top1"] >= state.best_top1)
+            if context.dist.is_main:
+                save_checkpoints(state, context, metrics, is_best=val_metrics["top1"] >= state.best_top1)
     finally:
         logger.close()
     return metrics
@@ -254,7 +276,7 @@ def restore_training_state(state: TrainingState, path: Path, cfg: DictConfig) ->
 
 def finish_training(state: TrainingState, context: RunContext, metrics: dict[str, float]) -> dict[str, Any]:
     table = quant.learned_table(state.model)
-    if table:
+    if table and context.dist.is_main:
         (context.output_dir / LEARNED_PARAMS_FILE).write_text(f"# Learned quantizer parameters\n\n{table}")
         log.info("learned quantizer parameters:\n%s", table)
     results = base_results(context, state.model)
@@ -273,9 +295,10 @@ def evaluate_checkpoint(context: RunContext) -> dict[str, Any]:
     model = place_model(build_model(cfg), context)
     model.load_state_dict(payload["model"])
     data = build_datasets(cfg.dataset)
-    _, val_loader = build_loaders(cfg, data, context.device)
+    _, val_loader = build_loaders(cfg, data, context.device, context.dist)
     metrics = evaluate(model, val_loader.epoch(0), context.device, progress=cfg.progress,
                        channels_last=cfg.channels_last)
+    metrics = distributed.reduce_metrics(metrics, metrics["samples"], context.dist, averaged=("loss", "top1", "top5"))
     log.info("evaluated %s: top1 %.2f top5 %.2f (checkpoint recorded top1 %.2f at epoch %d)", path,
              metrics["top1"], metrics["top5"], payload["metrics"].get("top1", float("nan")), payload["epoch"])
     results = base_results(context, model)
@@ -289,13 +312,16 @@ def base_results(context: RunContext, model: nn.Module) -> dict[str, Any]:
     cfg = context.cfg
     arch = architecture(cfg)
     return {"status": "finished", "mode": mode_name(cfg), **arch, "bits": cfg.bits,
-            "params": network_parameters(model), "device": str(context.device), "seed": cfg.seed,
-            "output_dir": str(context.output_dir)}
+            "params": network_parameters(model), **complexity.measure(model, cfg.dataset),
+            "device": str(context.device), "world_size": context.dist.world_size,
+            "threads": torch.get_num_threads(), "seed": cfg.seed, "output_dir": str(context.output_dir)}
 
 
 def write_results(context: RunContext, results: dict[str, Any]) -> dict[str, Any]:
     """results.json, written atomically, with the wall time of this invocation."""
     results["wall_time_s"] = round(time.perf_counter() - context.started, 3)
+    if not context.dist.is_main:
+        return results
     path = context.output_dir / RESULTS_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2, default=str))
