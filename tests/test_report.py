@@ -1,0 +1,124 @@
+"""qrun-report on a sweep folder: table rows, gap to the full-precision baseline, CSV, and the three plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from conftest import run_training
+from qrun.errors import QrunError
+from qrun.report import build_report, learned_alphas, main, read_scalars
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_job(root: Path, name: str, results: dict | None, config: dict, curve: list[float] = (),
+             alphas: dict[str, tuple[float, float]] | None = None) -> Path:
+    """A job folder as qrun leaves it: Hydra's saved config, maybe results.json, TensorBoard events."""
+    job = root / name
+    (job / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+    if results is not None:
+        (job / "results.json").write_text(json.dumps(results))
+    if curve or alphas:
+        writer = SummaryWriter(str(job / "tb"))
+        for epoch, top1 in enumerate(curve, start=1):
+            writer.add_scalar("val/top1", top1, epoch)
+            for layer, (weight, act) in (alphas or {}).items():
+                writer.add_scalar(f"quant/{layer}/weight/alpha", weight * epoch, epoch)
+                writer.add_scalar(f"quant/{layer}/act/alpha", act * epoch, epoch)
+        writer.close()
+    return job
+
+
+def config(quant: str, bits: int, quantize_input: bool = True) -> dict:
+    return {"model": {"name": "cnn_bn"}, "dataset": {"name": "fashion_mnist"}, "quant": {"name": quant},
+            "bits": bits, "w_bits": "${bits}", "a_bits": "${bits}", "quantize_input": quantize_input, "epochs": 2}
+
+
+def finished(quant: str, bits: int, top1: float, **extra) -> dict:
+    fp = quant == "none"
+    return {"status": "finished", "mode": "train", "model": "cnn_bn", "dataset": "fashion_mnist", "quant": quant,
+            "w_bits": 32 if fp else bits, "a_bits": 32 if fp else bits, "quantize_input": not fp, "top1": top1,
+            "top5": 99.0, "best_top1": top1 + 0.5, "params": 50282, "macs": 3869824,
+            "bops": 3869824 * (1024 if fp else bits * bits), "size_bytes": 201128 if fp else 30000, "epoch": 2,
+            "wall_time_s": 12.5, **extra}
+
+
+@pytest.fixture()
+def sweep(tmp_path: Path) -> Path:
+    root = tmp_path / "multirun" / "grid"
+    fake_job(root, "quant-none", finished("none", 4, 90.0), config("none", 4), curve=[85.0, 90.0])
+    fake_job(root, "bits-2+quant-dsq", finished("dsq", 2, 80.0), config("dsq", 2), curve=[70.0, 80.0],
+             alphas={"features.4": (0.1, 0.2)})
+    fake_job(root, "bits-4+quant-dsq", finished("dsq", 4, 88.0), config("dsq", 4), curve=[84.0, 88.0],
+             alphas={"features.4": (0.05, 0.15)})
+    fake_job(root, "bits-4+quant-xnor", {"status": "failed", "error": "QrunError: quantizer 'xnor' does not "
+                                          "support weight bits=4; accepted: 1"}, config("xnor", 4))
+    interrupted = fake_job(root, "bits-2+quant-lsq", None, config("lsq", 2), curve=[60.0])
+    (interrupted / "checkpoints").mkdir()
+    (interrupted / "checkpoints" / "last.pt").write_bytes(b"")
+    return root
+
+
+def test_report_table_csv_and_plots(sweep: Path) -> None:
+    report = build_report(sweep)
+    text = report.markdown.read_text()
+    lines = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
+             for line in text.splitlines() if line.startswith("| `")}
+    assert set(lines) == {"quant-none", "bits-2+quant-dsq", "bits-4+quant-dsq", "bits-4+quant-xnor",
+                          "bits-2+quant-lsq"}
+    header = [c.strip() for c in text.split("\n| job |")[1].splitlines()[0].split("|")[:-1]]
+    header = ["job", *header]
+    row = dict(zip(header, lines["bits-2+quant-dsq"]))
+    assert row["W/A bits"] == "2/2" and row["top-1"] == "80.00" and row["best top-1"] == "80.50"
+    assert row["gap to FP"] == "-10.00" and row["BOPs"] == "15.48M" and row["MACs"] == "3.87M"
+    assert row["epochs"] == "2/2" and row["status"] == "finished"
+    assert dict(zip(header, lines["quant-none"]))["gap to FP"] == "baseline"
+    assert dict(zip(header, lines["quant-none"]))["W/A bits"] == "32/32"
+    assert dict(zip(header, lines["bits-4+quant-xnor"]))["status"].startswith("failed: QrunError: quantizer 'xnor'")
+    lsq = dict(zip(header, lines["bits-2+quant-lsq"]))
+    assert (lsq["status"], lsq["top-1"], lsq["W/A bits"]) == ("incomplete", "-", "2/2")
+    assert text.index("`quant-none`") < text.index("`bits-2+quant-dsq`")  # baseline row first
+    assert "2 jobs" not in text and "5 jobs: 1 failed, 3 finished, 1 incomplete." in text
+
+    rows = {r["job"]: r for r in csv.DictReader(report.csv.open())}
+    assert float(rows["bits-4+quant-dsq"]["gap_top1"]) == pytest.approx(-2.0)
+    assert rows["bits-4+quant-dsq"]["bops"] == str(3869824 * 16)
+    assert rows["bits-2+quant-lsq"]["status"] == "incomplete"
+
+    assert {p.name for p in report.plots} == {"top1_vs_bits.png", "training_curves.png", "dsq_alpha.png"}
+    for plot in report.plots:
+        assert plot.read_bytes().startswith(PNG_MAGIC) and plot.stat().st_size > 5000
+        assert f"![{plot.name}]({plot.name})" in text
+    # The DSQ alpha table holds the last logged values (epoch 2 = 2 x the per-epoch factor).
+    assert "| features.4 | 0.2000 | 0.4000 |" in text and "| features.4 | 0.1000 | 0.3000 |" in text
+
+
+def test_report_reads_a_real_training_run(tmp_path: Path, fashion_mnist_available: None) -> None:
+    job = tmp_path / "sweep" / "bits-2+quant-dsq"
+    results = run_training(["dataset.train_samples=256", "dataset.val_samples=128", "epochs=2", "batch_size=64",
+                            "quant=dsq", "bits=2", "quantize_input=true"], job)
+    scalars = read_scalars(job / "tb")
+    assert [step for step, _ in scalars["val/top1"]] == [1, 2]
+    assert scalars["val/top1"][-1][1] == pytest.approx(results["top1"])
+    alphas = learned_alphas(scalars)
+    assert alphas and all(set(sides) == {"weight", "act"} for sides in alphas.values())
+    report = build_report(tmp_path / "sweep", out=tmp_path / "report")
+    assert report.rows[0]["top1"] == pytest.approx(results["top1"])
+    assert report.rows[0]["bops"] == results["bops"]
+    assert (tmp_path / "report" / "dsq_alpha.png").is_file()
+
+
+def test_report_cli_refuses_a_folder_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"qrun-report: error: no qrun jobs under {tmp_path}" in capsys.readouterr().err
+    with pytest.raises(QrunError, match="is not a directory"):
+        build_report(tmp_path / "missing")
