@@ -20,3 +20,6 @@ __all__ = [
     "build_quantizer", "initialize_from_data", "learned_table", "learned_values", "quantize_model",
     "quantizer_parameters", "quantizers", "register_quantizer",
 ]
+
+# Importing a quantizer module registers it.
+from qrun.quant import dorefa, dsq, lsq, pact, twn, uniform, xnor  # noqa: E402,F401

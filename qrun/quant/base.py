@@ -8,7 +8,7 @@ set during a calibration pass driven by `qrun.quant.initialize_from_data`, never
 from __future__ import annotations
 
 import inspect
-from typing import Callable, ClassVar
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,8 @@ class Quantizer(nn.Module):
     supported_kinds: ClassVar[tuple[str, ...]] = KINDS
     min_bits: ClassVar[int] = 1
     max_bits: ClassVar[int] = 16
+    # True when the quantizer also rescales the layer output (XNOR-Net's K): the layer then calls scale_output.
+    scales_output: ClassVar[bool] = False
 
     def __init__(self, bits: int, kind: str) -> None:
         super().__init__()
@@ -33,6 +35,7 @@ class Quantizer(nn.Module):
         self.calibrating = False
         # A buffer, so a checkpoint remembers that data-dependent values were already set.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._ready = False  # host-side cache of `initialized`, so the hot path does not read the buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
@@ -51,6 +54,28 @@ class Quantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Turn recorded statistics into initial parameter values; called once after the calibration batches."""
         self.initialized.fill_(True)
+
+    def ensure_initialized(self, x: torch.Tensor) -> None:
+        """Used without a calibration pass (a unit test, init_batches=0): initialise once from this tensor.
+
+        For a weight quantizer that is exactly the intended initialisation; for an activation quantizer it is a
+        one-batch calibration. Either way it happens once, never per batch.
+        """
+        if self._ready:
+            return
+        if not bool(self.initialized):
+            with torch.no_grad():
+                self.observe(x.detach())
+                self.finish_calibration()
+        self._ready = True
+
+    def scale_output(self, out: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+        """Rescale the layer output computed from quantized inputs (only called when `scales_output`)."""
+        return out
+
+    def gradient_quantizer(self) -> Optional[nn.Module]:
+        """A module applied to the layer output that quantizes the gradient flowing back (DoReFa's g_bits)."""
+        return None
 
     def learned_values(self) -> dict[str, float]:
         """Scalar summaries of learned (or data-derived) values, for TensorBoard and the learned-parameter table."""

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qrun.quant.base import Quantizer
+from qrun.quant.ste import saving_codes
 
 
 class QuantizedLayer:
@@ -20,10 +21,22 @@ class QuantizedLayer:
 
     weight_quantizer: Optional[Quantizer]
     input_quantizer: Optional[Quantizer]
+    # Identity forward, quantizes the gradient of the layer output (DoReFa's g_bits); holds no state.
+    grad_quantizer: Optional[nn.Module]
 
-    def _init_quantizers(self, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer]) -> None:
+    def _init_quantizers(self, weight_quantizer: Optional[Quantizer], input_quantizer: Optional[Quantizer],
+                         grad_quantizer: Optional[nn.Module] = None) -> None:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+        self.grad_quantizer = grad_quantizer
+
+    def finish_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Output-side hooks: XNOR-Net's input scaling K, then the gradient quantizer; identity when unused."""
+        if self.input_quantizer is not None and self.input_quantizer.scales_output:
+            out = self.input_quantizer.scale_output(out, x, self)
+        if self.grad_quantizer is not None:
+            out = self.grad_quantizer(out)
+        return out
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight if self.weight_quantizer is None else self.weight_quantizer(self.weight)
@@ -39,7 +52,10 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         self._init_quantizers(weight_quantizer, input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantized_input(x), self.quantized_weight(), self.bias)
+        xq = self.quantized_input(x)
+        with saving_codes(xq):
+            out = self._conv_forward(xq, self.quantized_weight(), self.bias)
+        return self.finish_output(out, x)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: Optional[Quantizer] = None,
@@ -59,7 +75,10 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         self._init_quantizers(weight_quantizer, input_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantized_input(x), self.quantized_weight(), self.bias)
+        xq = self.quantized_input(x)
+        with saving_codes(xq):
+            out = F.linear(xq, self.quantized_weight(), self.bias)
+        return self.finish_output(out, x)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: Optional[Quantizer] = None,

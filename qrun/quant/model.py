@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
 
-from qrun.quant.base import Quantizer, build_quantizer
+from qrun.quant.base import Quantizer, build_quantizer, quantizer_class
 from qrun.quant.layers import QUANTIZED_TYPES, QuantizedLayer
-from qrun.quant.policy import LayerPlan, plan_layers
+from qrun.quant.policy import EDGE_BITS, LayerPlan, plan_layers
 
 FULL_PRECISION = "none"
+EDGE_FALLBACK = "uniform"  # for first/last layers at 8 bits when the chosen quantizer has no 8-bit form
 
 
 def quantize_model(model: nn.Module, name: str, w_bits: int, a_bits: int, quantize_input: bool,
@@ -22,8 +24,21 @@ def quantize_model(model: nn.Module, name: str, w_bits: int, a_bits: int, quanti
         return model
     for plan in plan_layers(model, w_bits, a_bits, quantize_input, first_last, layer_overrides):
         if not plan.skip:
-            _swap_layer(model, plan, name, options)
+            layer_name, layer_options = _edge_fallback(plan, name, first_last, options)
+            _swap_layer(model, plan, layer_name, layer_options)
     return model
+
+
+def _edge_fallback(plan: LayerPlan, name: str, first_last: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Under first_last=8bit, a quantizer that cannot do 8 bits (xnor, twn) leaves its edge layers to `uniform`."""
+    if first_last != "8bit" or not plan.edge:
+        return name, options
+    cls = quantizer_class(name)
+    kinds_ok = plan.quantize_input <= ("act" in cls.supported_kinds)
+    if cls.min_bits <= EDGE_BITS <= cls.max_bits and kinds_ok:
+        return name, options
+    accepted = inspect.signature(quantizer_class(EDGE_FALLBACK).__init__).parameters
+    return EDGE_FALLBACK, {k: v for k, v in options.items() if k in accepted}
 
 
 def _swap_layer(model: nn.Module, plan: LayerPlan, name: str, options: dict[str, Any]) -> None:
@@ -33,6 +48,7 @@ def _swap_layer(model: nn.Module, plan: LayerPlan, name: str, options: dict[str,
     weight_quantizer = build_quantizer(name, plan.w_bits, "weight", **options)
     input_quantizer = build_quantizer(name, plan.a_bits, "act", **options) if plan.quantize_input else None
     quantized = QUANTIZED_TYPES[type(float_layer)].from_float(float_layer, weight_quantizer, input_quantizer)
+    quantized.grad_quantizer = weight_quantizer.gradient_quantizer()
     quantized.train(float_layer.training)
     setattr(parent, child_name, quantized)
 

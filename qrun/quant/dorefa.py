@@ -1,0 +1,105 @@
+"""DoReFa-Net (Zhou et al. 2016): k-bit weights, activations and (optionally) gradients.
+
+quantize_k(r) = round((2^k - 1) r) / (2^k - 1), straight-through                              (eq. 4)
+weights, k = 1:  sign(w) * E|w|, straight-through                                         (eq. 6-7)
+weights, k > 1:  2 quantize_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1                          (eq. 9)
+activations:     quantize_k(clip(a, 0, 1)), so post-ReLU inputs reach all 2^k levels          (eq. 10)
+gradients:       2 max0|dr| [quantize_k(dr / (2 max0|dr|) + 1/2 + N(k)) - 1/2],
+                 N(k) ~ U(-1/2, 1/2) / (2^k - 1), max0 over all axes but the batch            (eq. 12)
+The gradient quantizer sits on each quantized layer's output (before BatchNorm), as in the authors' code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.autograd import Function
+
+from qrun.errors import QrunError
+from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.ste import grid_fake_quant, round_ste, sign
+
+FULL_PRECISION_GRADIENT = 32
+
+
+def quantize_k(r: torch.Tensor, bits: int) -> torch.Tensor:
+    """Eq. 4 with a straight-through round; r is expected in [0, 1]."""
+    n = 2**bits - 1
+    return round_ste(r * n) / n
+
+
+def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 1:
+        # Eq. 7: the scale E|w| is a constant for the gradient, which goes straight through sign.
+        # (w - w.detach()) is exactly 0 forward, so the output is exactly +-E|w|, and carries the gradient of w.
+        return (sign(w) * w.detach().abs().mean()).detach() + (w - w.detach())
+    t = torch.tanh(w)
+    return 2.0 * quantize_k(t / (2.0 * t.abs().max()) + 0.5, bits) - 1.0
+
+
+def dorefa_activation(a: torch.Tensor, bits: int, compact: bool = False) -> torch.Tensor:
+    """clip to [0, 1] then k bits; gradient 1 inside [0, 1], 0 outside."""
+    n = 2**bits - 1
+    return grid_fake_quant(a, 1.0 / n, 0, n, compact)
+
+
+class _GradientQuantize(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bits: int) -> torch.Tensor:
+        ctx.bits = bits
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return quantize_gradient(grad, ctx.bits), None
+
+
+def quantize_gradient(grad: torch.Tensor, bits: int) -> torch.Tensor:
+    """Eq. 12 with stochastic rounding noise from torch's generator (so seeded runs repeat)."""
+    n = 2**bits - 1
+    dims = tuple(range(1, grad.dim()))
+    scale = 2.0 * grad.abs().amax(dim=dims, keepdim=True).clamp_min(1e-30)
+    noise = (torch.rand_like(grad) - 0.5) / n
+    q = torch.round((grad / scale + 0.5 + noise) * n).clamp_(0, n) / n
+    return scale * (q - 0.5)
+
+
+class GradientQuantizer(nn.Module):
+    """Identity forward; quantizes the gradient flowing back through it to `bits` bits."""
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _GradientQuantize.apply(x, self.bits) if torch.is_grad_enabled() else x
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+@register_quantizer
+class DoReFaQuantizer(Quantizer):
+    name = "dorefa"
+
+    def __init__(self, bits: int, kind: str, g_bits: int = FULL_PRECISION_GRADIENT) -> None:
+        """g_bits: gradient bit width for the layer outputs' gradients; 32 turns gradient quantization off."""
+        super().__init__(bits, kind)
+        if not (1 <= int(g_bits) <= 16 or int(g_bits) == FULL_PRECISION_GRADIENT):
+            raise QrunError(f"quantizer 'dorefa' g_bits={g_bits} is out of range; accepted: 1..16, or 32 (off)")
+        self.g_bits = int(g_bits)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "weight":
+            return dorefa_weight(x, self.bits)
+        return dorefa_activation(x, self.bits, compact=torch.is_grad_enabled())
+
+    def gradient_quantizer(self) -> Optional[nn.Module]:
+        if self.kind == "weight" and self.g_bits != FULL_PRECISION_GRADIENT:
+            return GradientQuantizer(self.g_bits)
+        return None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", g_bits={self.g_bits}" if self.g_bits != FULL_PRECISION_GRADIENT else "")

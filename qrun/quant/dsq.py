@@ -1,0 +1,164 @@
+"""Differentiable Soft Quantization (Gong et al., ICCV 2019), with learned alpha, lower (l) and upper (u).
+
+Equations (section 3.2 of the paper), with n = 2^b - 1 intervals:
+    clip x to [l, u];  Delta = (u - l) / n;  interval i = floor((x - l) / Delta) in [0, n - 1]
+    m_i = l + (i + 1/2) Delta;  phi(x) = s tanh(k (x - m_i)),  s = 1 / (1 - alpha),  k = log(2/alpha - 1) / Delta
+    Q(x) = l + Delta (i + (sgn(phi(x)) + 1) / 2)                                           (eq. 3 with sgn)
+Forward is the hard Q (so exactly 2^b levels); backward goes straight through sgn into phi, which gives x, l, u
+and alpha their gradients (without the straight-through sgn, training goes NaN, as seed 000 found).
+
+Closed forms used by the backward, with r = (x - l) / Delta, f = r - i - 1/2 in [-1/2, 1/2], c = log(2/alpha - 1),
+t = tanh(c f), q = i + (sgn f + 1)/2 the output level, D = (s c / 2)(1 - t^2):
+    dQ/dx     = D                              inside [l, u]; 0 outside (clipped)
+    dQ/dDelta = q - D r                        (l held fixed)
+    dQ/dl     = 1 - D - (q - D r) / n,   dQ/du = (q - D r) / n       inside
+    dQ/dl     = 1 (x < l),               dQ/du = 1 (x > u)           outside: the bounds really clip
+    dQ/dalpha = (Delta / 2) (s^2 t - s (1 - t^2) 2 f / (alpha (2 - alpha)))
+Because Q(x) = l + Delta F(r): dQ/dl + dQ/du = 1 - dQ/dx, so the l gradient is a by-product of the u gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.autograd import Function
+
+from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.ste import Codes, code_dtype, dot, pass_inside, scalar, sum_above, with_codes
+from qrun.quant.uniform import RangeObserver
+
+ALPHA_INIT = 0.2  # section 4 of the paper
+ALPHA_MIN, ALPHA_MAX = 1e-4, 0.5  # alpha lives in (0, 0.5]; 1e-4 keeps log(2/alpha - 1) finite
+MIN_WIDTH = 1e-6  # smallest u - l we let the optimizer reach
+
+
+def dsq_levels(x: torch.Tensor, lower: float, upper: float, levels: int) -> torch.Tensor:
+    """q = floor((clip(x) - l) / Delta + 1/2) in [0, n] as floats: i + (sgn(phi) + 1)/2 with ties up (sgn(0) = +1)."""
+    delta = (upper - lower) / levels
+    return torch.mul(x, 1.0 / delta).add_(0.5 - lower / delta).floor_().clamp_(0, levels)
+
+
+def dsq_hard(x: torch.Tensor, lower: float, upper: float, levels: int) -> torch.Tensor:
+    """Q(x) = l + Delta q: the hard DSQ output, exactly on the grid of 2^b levels."""
+    return dsq_levels(x, lower, upper, levels).mul_((upper - lower) / levels).add_(lower)
+
+
+def dsq_soft(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor,
+             levels: int) -> torch.Tensor:
+    """The soft quantizer Q_S(x) = l + Delta (i + (phi(x) + 1) / 2) of eq. 3, a plain autograd composition.
+
+    Not used for training (too slow, and not exactly on the grid); it documents the curve whose derivative the
+    straight-through backward uses, and lets tests check that alpha -> 0 turns it into rounding.
+    """
+    delta = (upper - lower) / levels
+    xc = torch.minimum(torch.maximum(x, lower), upper)
+    i = torch.floor((xc - lower) / delta).clamp(0, levels - 1).detach()
+    centre = lower + (i + 0.5) * delta
+    s = 1.0 / (1.0 - alpha)
+    k = torch.log(2.0 / alpha - 1.0) / delta
+    phi = s * torch.tanh(k * (xc - centre))
+    return lower + delta * (i + (phi + 1.0) / 2.0)
+
+
+class _DSQFunction(Function):
+    """Hard DSQ forward; backward through phi (see the module docstring).
+
+    Saves x (which the preceding ReLU keeps anyway) and the integer levels q (1 byte per element); r, f and t
+    are recomputed in backward. The same codes let the next conv save q instead of the float output.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor,
+                levels: int, compact: bool):
+        lo, hi, a = scalar(lower), scalar(upper), scalar(alpha)
+        delta = (hi - lo) / levels
+        q = dsq_levels(x, lo, hi, levels)
+        codes = Codes(q.to(code_dtype(0, levels)), delta, lo, x.dtype)
+        y = q.mul_(delta).add_(lo)  # decode(codes) repeats exactly these operations
+        ctx.save_for_backward(x, codes.codes)
+        ctx.constants = (lo, hi, a, levels)
+        return y, (codes if compact else None)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _codes_grad: object):
+        x, codes = ctx.saved_tensors
+        lo, hi, alpha, levels = ctx.constants
+        q = codes.to(x.dtype)
+        grad_x, grad_lower, grad_upper, grad_alpha = dsq_backward(grad, x, q, lo, hi, alpha, levels)
+        return grad_x, grad_lower, grad_upper, grad_alpha, None, None
+
+
+def dsq_backward(grad: torch.Tensor, x: torch.Tensor, q: torch.Tensor, lo: float, hi: float, alpha: float,
+                 levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the levels q; each step below is one pass."""
+    delta = (hi - lo) / levels
+    s = 1.0 / (1.0 - alpha)
+    c = math.log(2.0 / alpha - 1.0)
+    g_in = pass_inside(grad, x, lo, hi)
+    # d = q - r = -f + 1/2 sgn(f): its sign is the sign of f (the interval half x lies in); |f| = 1/2 - |d|.
+    d = torch.mul(x, -1.0 / delta).add_(q).add_(lo / delta)
+    abs_f = torch.abs(d).neg_().add_(0.5)
+    # With p = sigmoid(2 c |f|): |t| = 2p - 1 and 1 - t^2 = 4 p (1 - p); sigmoid is ~3x cheaper than tanh here.
+    p = torch.mul(abs_f, 2.0 * c).sigmoid_()
+    pq = torch.addcmul(p, p, p, value=-1.0)  # p (1 - p)
+    grad_x = torch.mul(g_in, pq).mul_(2.0 * s * c)  # g * D
+    # alpha: (Delta/2) sgn(f) [s^2 |t| - s (1 - t^2) 2 |f| / (alpha (2 - alpha))]
+    h = pq.mul_(abs_f).mul_(-8.0 * s / (alpha * (2.0 - alpha))).add_(p, alpha=2.0 * s * s).sub_(s * s).mul_(g_in)
+    # sum of sgn(f) h = 2 sum_{f > 0} h - sum h; f > 0 exactly where d > 0 (d = 0 sits at f = -1/2).
+    sum_h = h.sum()
+    signed_h = 2.0 * sum_above(h, d, 0.0) - sum_h
+    grad_alpha = signed_h * (delta / 2.0)
+    # u: sum_{x > u} g + (1/n) sum_in g (q - D r), with r = (x - l)/Delta.
+    sum_grad_x = grad_x.sum()
+    inner = dot(g_in, q) - (dot(grad_x, x) - lo * sum_grad_x) / delta
+    grad_upper = sum_above(grad, x, hi) + inner / levels
+    grad_lower = grad.sum() - sum_grad_x - grad_upper
+    return grad_x, grad_lower, grad_upper, grad_alpha
+
+
+@register_quantizer
+class DSQQuantizer(Quantizer):
+    name = "dsq"
+    min_bits, max_bits = 1, 16
+
+    def __init__(self, bits: int, kind: str, alpha: float = ALPHA_INIT) -> None:
+        """alpha: initial value of the characteristic variable (0.2 in the paper), kept in (0, 0.5]."""
+        super().__init__(bits, kind)
+        self.levels = 2**self.bits - 1
+        self.alpha = nn.Parameter(torch.tensor(min(max(float(alpha), ALPHA_MIN), ALPHA_MAX)))
+        # l/u are placeholders until calibration: weights from the weight tensor, activations from data.
+        self.lower = nn.Parameter(torch.tensor(0.0))
+        self.upper = nn.Parameter(torch.tensor(1.0))
+        self._observer = RangeObserver()
+
+    def observe(self, x: torch.Tensor) -> None:
+        self._observer.update(x)
+
+    def finish_calibration(self) -> None:
+        if not self._observer:
+            return
+        lo, hi = self._observer.min(), self._observer.max()
+        with torch.no_grad():
+            self.lower.fill_(lo)
+            self.upper.fill_(max(hi, lo + MIN_WIDTH))
+        self._observer = RangeObserver()
+        super().finish_calibration()
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """Projected gradient descent: after each optimizer step, bring alpha back into (0, 0.5] and keep u > l."""
+        self.alpha.clamp_(ALPHA_MIN, ALPHA_MAX)
+        if scalar(self.upper) - scalar(self.lower) < MIN_WIDTH:
+            self.upper.copy_(self.lower + MIN_WIDTH)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        self.ensure_initialized(x)
+        if self.training:
+            self._project()
+        compact = self.kind == "act" and torch.is_grad_enabled()
+        return with_codes(*_DSQFunction.apply(x, self.lower, self.upper, self.alpha, self.levels, compact))
+
+    def learned_values(self) -> dict[str, float]:
+        return {"alpha": scalar(self.alpha), "lower": scalar(self.lower), "upper": scalar(self.upper)}

@@ -1,0 +1,197 @@
+"""Straight-through building blocks shared by several quantizers.
+
+Speed matters here: activation quantizers touch every element of every layer input twice per step. Eager
+PyTorch on CPU is fast for in-place arithmetic with Python-scalar operands and for the fused `hardtanh_backward`
+and `threshold_backward` kernels, and slow for boolean masks, `torch.where` and tensor-valued clamp bounds
+(measured: a bool mask plus `where` costs ~10x a fused backward kernel). So scalars are read with `.item()`
+(one host sync per quantizer call on GPU) and masks are expressed through those two kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import ContextManager, NamedTuple
+
+import numpy as np
+import torch
+from torch.autograd import Function
+
+_hardtanh_backward = torch.ops.aten.hardtanh_backward
+_threshold_backward = torch.ops.aten.threshold_backward
+
+
+def scalar(value: torch.Tensor | float) -> float:
+    """A Python float from a 0-d tensor or a number (so kernels take the fast scalar-operand path)."""
+    return float(value.detach().item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _next(value: float, dtype: torch.dtype, direction: float) -> float:
+    if dtype == torch.float32:
+        return float(np.nextafter(np.float32(value), np.float32(direction)))
+    if dtype == torch.float64:
+        return math.nextafter(value, direction)
+    v = torch.tensor(value, dtype=dtype)
+    return float(torch.nextafter(v, torch.tensor(direction, dtype=dtype)))
+
+
+def below(value: float, dtype: torch.dtype) -> float:
+    """The largest `dtype` number smaller than `value`: turns the strict `x > t` of the fused kernels into `x >= value`."""
+    return _next(value, dtype, -math.inf)
+
+
+def above(value: float, dtype: torch.dtype) -> float:
+    """The smallest `dtype` number larger than `value`."""
+    return _next(value, dtype, math.inf)
+
+
+def pass_inside(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """grad where lo <= x <= hi, else 0: the clipped straight-through estimator (bounds inclusive)."""
+    return _hardtanh_backward(grad, x, below(lo, x.dtype), above(hi, x.dtype))
+
+
+def sum_above(grad: torch.Tensor, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Sum of grad over elements with x > threshold (a clip bound's gradient from the elements it clips)."""
+    return _threshold_backward(grad, x, threshold).sum()
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b) in one pass over memory, also for channels_last tensors (reshape would copy those)."""
+    if a.dim() == 4 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last) \
+            and b.is_contiguous(memory_format=torch.channels_last):
+        a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1))
+    return torch.sum(a * b)
+
+
+# Compact saved activations. A fake-quantized layer input y = offset + scale * q is saved by the following conv
+# for its weight gradient; keeping it as float would add a full activation-sized tensor per layer (~1.5x peak
+# memory on resnet20). Each activation quantizer therefore also returns the integer codes q (1 byte per element
+# up to 8 bits) attached to y, and the layer runs its conv under `saving_codes`, which stores the codes instead
+# of y and rebuilds y bit-exactly (same float operations as the forward) when backward needs it.
+CODES_ATTR = "_qrun_codes"
+
+
+class Codes(NamedTuple):
+    codes: torch.Tensor
+    scale: float
+    offset: float
+    dtype: torch.dtype
+
+
+def code_dtype(qmin: int, qmax: int) -> torch.dtype:
+    for dtype in (torch.uint8, torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= qmin and qmax <= info.max:
+            return dtype
+    return torch.int32
+
+
+def decode(c: Codes) -> torch.Tensor:
+    y = c.codes.to(c.dtype).mul_(c.scale)
+    return y.add_(c.offset) if c.offset != 0.0 else y
+
+
+def _pack(t: torch.Tensor) -> object:
+    codes = getattr(t, CODES_ATTR, None)
+    return t if codes is None else codes
+
+
+def _unpack(saved: object) -> torch.Tensor:
+    return decode(saved) if isinstance(saved, Codes) else saved
+
+
+def saving_codes(y: torch.Tensor) -> ContextManager:
+    """Context for the op consuming y: it saves y's codes instead of y when y carries them."""
+    if getattr(y, CODES_ATTR, None) is None:
+        return contextlib.nullcontext()
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+
+
+def round_to_grid(x: torch.Tensor, step: float, qmin: float, qmax: float) -> torch.Tensor:
+    """step * clamp(round(x / step), qmin, qmax): one allocation, the rest in place."""
+    return torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax).mul_(step)
+
+
+def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool) -> torch.Tensor:
+    """round_to_grid, attaching the integer codes to the result when `compact`."""
+    q = torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
+    if not compact:
+        return q.mul_(step)
+    codes = q.to(code_dtype(qmin, qmax))
+    y = q.mul_(step)
+    setattr(y, CODES_ATTR, Codes(codes, step, 0.0, y.dtype))
+    return y
+
+
+class _GridFakeQuant(Function):
+    """Fixed grid {qmin..qmax} * step; gradient 1 inside [qmin*step, qmax*step], 0 outside (clipped STE)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool):
+        ctx.save_for_backward(x)
+        ctx.bounds = (qmin * step, qmax * step)
+        y = grid_codes(x, step, qmin, qmax, compact)
+        return y, getattr(y, CODES_ATTR, None)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _codes_grad: object):
+        (x,) = ctx.saved_tensors
+        return pass_inside(grad, x, *ctx.bounds), None, None, None, None
+
+
+def with_codes(y: torch.Tensor, codes: object) -> torch.Tensor:
+    """Re-attach codes to the tensor that autograd hands back from a Function."""
+    if codes is not None:
+        setattr(y, CODES_ATTR, codes)
+    return y
+
+
+def grid_fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool = False) -> torch.Tensor:
+    """Fake-quantize to the integer grid [qmin, qmax] times `step` with a clipped straight-through gradient.
+
+    `compact`: attach integer codes so the consuming layer can save 1 byte per element (see `saving_codes`).
+    """
+    return with_codes(*_GridFakeQuant.apply(x, step, qmin, qmax, compact))
+
+
+class _RoundSTE(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward (the STE of Bengio et al. 2013, as used by DoReFa eq. 4)."""
+    return _RoundSTE.apply(x)
+
+
+def sign(x: torch.Tensor) -> torch.Tensor:
+    """sign with sign(0) = +1, so a binarized tensor has exactly two values."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _SignSTE(Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, saturate: bool) -> torch.Tensor:
+        ctx.saturate = saturate
+        if saturate:
+            ctx.save_for_backward(x)
+        return sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if not ctx.saturate:
+            return grad, None
+        (x,) = ctx.saved_tensors
+        return pass_inside(grad, x, -1.0, 1.0), None
+
+
+def sign_ste(x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
+    """sign forward; backward identity, zeroed for |x| > 1 when `saturate` (XNOR-Net/BNN's hard-tanh STE)."""
+    return _SignSTE.apply(x, saturate)

@@ -1,0 +1,168 @@
+"""Cost of fake-quant training: time and peak memory of one full training step, quantized vs float.
+
+resnet20 on 32x32 inputs, batch 128, one step = forward + backward + SGD step. Full precision and each quantizer
+at W4A4 with quantize_input=true (xnor at W1A1 and twn at W2 for information). All models live in one process and
+are timed interleaved (float, dsq, uniform, ..., float, dsq, ...), so drift of a shared machine hits all alike;
+medians and ratios to the float step are printed.
+
+Memory: on CPU there is no allocator high-water mark, so a child process measures the growth of its peak
+resident set (VmHWM, reset through /proc/self/clear_refs) during one step over the resident set before it. The
+child runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB so every tensor buffer is mmapped and returned on
+free: the peak then tracks live tensors (activations, gradients, temporaries), not allocator caching. (That
+setting slows allocation, which is why timing happens in the parent, with the default allocator.)
+On CUDA it uses torch.cuda.max_memory_allocated in the same process instead.
+
+    python scripts/bench_speed.py [--reps 15] [--threads N] [--device cpu|cuda] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import time
+
+import json
+import subprocess
+
+import torch
+from torch import nn
+
+from qrun.models import get_model
+from qrun.quant import initialize_from_data, quantize_model, quantizer_parameters
+
+MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
+
+CONFIGS = [  # (label, quantizer, bits, quantize_input)
+    ("float", "none", 32, False),
+    ("uniform", "uniform", 4, True),
+    ("lsq", "lsq", 4, True),
+    ("pact", "pact", 4, True),
+    ("dorefa", "dorefa", 4, True),
+    ("dsq", "dsq", 4, True),
+    ("xnor W1A1", "xnor", 1, True),
+    ("twn W2", "twn", 2, False),
+]
+TARGETS = {"uniform": 1.15, "lsq": 1.15, "pact": 1.15, "dorefa": 1.15, "dsq": 1.35}
+MEMORY_TARGET = 1.3
+
+
+def build(quantizer: str, bits: int, quantize_input: bool, device: torch.device,
+          data: torch.Tensor) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = get_model("resnet20", num_classes=10, in_channels=3)
+    quantize_model(model, quantizer, bits, bits, quantize_input)
+    model.to(device).train()
+    initialize_from_data(model, [data[:32]])
+    quant_ids = {id(p) for p in quantizer_parameters(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in quant_ids], "weight_decay": 5e-4},
+              {"params": [p for p in model.parameters() if id(p) in quant_ids], "weight_decay": 0.0}]
+    return model, torch.optim.SGD(groups, lr=0.01, momentum=0.9)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_step_memory(step, device: torch.device) -> float:
+    """Bytes by which one step raises peak memory over what was resident before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    step()
+    return float(_status_kib("VmHWM") - before) * 1024
+
+
+def measure_memory(runs: dict, device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {label: peak_step_memory(step, device) for label, step in runs.items()}
+    env = dict(os.environ, **{MMAP_ENV: "65536"})
+    argv = [a for a in sys.argv[1:] if a != "--memory-child"]
+    argv = [a for i, a in enumerate(argv) if a != "--reps" and (i == 0 or argv[i - 1] != "--reps")]
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-child", "--warmup", "2"], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (float included)")
+    parser.add_argument("--only", nargs="*", help="labels to run (float is always included)")
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, 32, 32, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    configs = [c for c in CONFIGS if c[0] == "float" or not args.only or c[0] in args.only]
+
+    runs = {}
+    for label, quantizer, bits, quantize_input in configs:
+        model, optimizer = build(quantizer, bits, quantize_input, device, x)
+        forward = torch.compile(model) if args.compile else model
+        runs[label] = (lambda m=forward, o=optimizer: train_step(m, o, x, y))
+        for _ in range(args.warmup):
+            runs[label]()
+        _sync(device)
+
+    if args.memory_child:
+        print(json.dumps({label: peak_step_memory(step, device) for label, step in runs.items()}))
+        return
+    memory = measure_memory(runs, device)
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(args.reps):
+        for label, step in runs.items():  # interleaved: one step of each config per round
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[label].append(time.perf_counter() - start)
+
+    print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
+          f"compile={args.compile} torch={torch.__version__}")
+    print("memory: peak growth during one step " + ("(CUDA allocator)" if device.type == "cuda"
+                                                     else "(VmHWM - VmRSS, mmapped tensors)"))
+    base_t, base_m = statistics.median(times["float"]), memory["float"]
+    print(f"{'config':<12}{'median ms':>11}{'time x':>9}{'target':>8}{'peak MiB':>10}{'mem x':>8}")
+    for label in runs:
+        t = statistics.median(times[label])
+        target = f"<={TARGETS[label]:.2f}" if label in TARGETS else ""
+        print(f"{label:<12}{t * 1e3:>11.1f}{t / base_t:>9.3f}{target:>8}{memory[label] / 2**20:>10.1f}"
+              f"{memory[label] / base_m:>8.3f}")
+    print(f"memory target: <= {MEMORY_TARGET:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
