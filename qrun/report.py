@@ -147,6 +147,18 @@ def build_rows(jobs: Sequence[Job]) -> list[dict[str, Any]]:
     return sorted(rows, key=order)
 
 
+def short_names(names: Sequence[str]) -> dict[str, str]:
+    """Job names without the `key-value` items every job shares (`epochs-2+quant-dsq` -> `quant-dsq` when all
+    jobs ran 2 epochs): the table shows what varies; the CSV keeps the full folder names."""
+    items = {name: name.rsplit("/", 1)[-1].split("+") for name in names}
+    common = set.intersection(*(set(parts) for parts in items.values())) if len(items) > 1 else set()
+    short = {}
+    for name, parts in items.items():
+        kept = [part for part in parts if part not in common]
+        short[name] = "+".join(kept) if kept else name
+    return short
+
+
 # --------------------------------------------------------------------------------------------------- tables
 def _number(value: Any, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -171,12 +183,13 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header = ("job", "model", "dataset", "quant", "W/A bits", "quant. input", "top-1", "top-5", "best top-1",
               "gap to FP", "params", "MACs", "BOPs", "size", "epochs", "wall time", "status")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * 2 + "---:|" * 10 + "---|"]
+    names = short_names([row["job"] for row in rows]) if rows else {}
     for row in rows:
         baseline = row["quant"] == FULL_PRECISION
         gap = "baseline" if baseline else (f"{row['gap_top1']:+.2f}" if row["gap_top1"] is not None else "-")
         status = row["status"] + (f": {row['error']}" if row["error"] else "")
         bits = f"{row['w_bits'] if row['w_bits'] is not None else '-'}/{row['a_bits'] if row['a_bits'] is not None else '-'}"
-        cells = [f"`{row['job']}`", str(row["model"]), str(row["dataset"]), str(row["quant"]), bits,
+        cells = [f"`{names[row['job']]}`", str(row["model"]), str(row["dataset"]), str(row["quant"]), bits,
                  "yes" if row["quantize_input"] else "no", _number(row["top1"]), _number(row["top5"]),
                  _number(row["best_top1"]), gap, _scaled(row["params"], _COUNT_UNITS),
                  _scaled(row["macs"], _COUNT_UNITS), _scaled(row["bops"], _COUNT_UNITS),
@@ -273,6 +286,7 @@ def plot_training_curves(curves: dict[str, list[tuple[int, float]]], path: Path)
     for name, points in sorted(curves.items()):
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)  # epochs, not 1.2, 1.4, ...
     ax.set_ylabel("val top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -326,9 +340,10 @@ def build_report(root: Path, out: Optional[Path] = None) -> Report:
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(jobs)
-    scalars = {job.name: read_scalars(job.path / "tb") for job in jobs}
+    names = short_names([job.name for job in jobs])  # plot legends and titles: what varies between jobs
+    scalars = {names[job.name]: read_scalars(job.path / "tb") for job in jobs}
     curves = {name: series.get(VAL_TOP1_TAG, []) for name, series in scalars.items()}
-    alphas = {job.name: learned_alphas(scalars[job.name]) for job in jobs
+    alphas = {names[job.name]: learned_alphas(scalars[names[job.name]]) for job in jobs
               if job.setting("quant", ("quant", "name")) == "dsq"}
     plots = []
     for made, filename in ((plot_top1_vs_bits(rows, out / PLOT_TOP1_VS_BITS), PLOT_TOP1_VS_BITS),

@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from conftest import run_training
 from qrun.errors import QrunError
-from qrun.report import build_report, learned_alphas, main, read_scalars
+from qrun.report import build_report, learned_alphas, main, read_scalars, short_names
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -113,6 +113,12 @@ def test_report_reads_a_real_training_run(tmp_path: Path, fashion_mnist_availabl
     assert report.rows[0]["top1"] == pytest.approx(results["top1"])
     assert report.rows[0]["bops"] == results["bops"]
     assert (tmp_path / "report" / "dsq_alpha.png").is_file()
+
+
+def test_table_names_keep_only_what_varies() -> None:
+    names = ["s/bits-2+epochs-2+quant-dsq", "s/bits-4+epochs-2+quant-dsq", "s/epochs-2+quant-none"]
+    assert list(short_names(names).values()) == ["bits-2+quant-dsq", "bits-4+quant-dsq", "quant-none"]
+    assert short_names(["epochs-2"]) == {"epochs-2": "epochs-2"}
 
 
 def test_report_cli_refuses_a_folder_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
