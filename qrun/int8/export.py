@@ -65,10 +65,24 @@ class QDQ(nn.Module):
                                                       self.storage_min, self.storage_max)
 
 
+def shift_to_unsigned(grid: Grid) -> Grid:
+    """The same real values on uint8 codes: q + 128 with zero point Z + 128 (int8 weights -> uint8 weights).
+
+    onnxruntime's x86 kernels multiply uint8 activations by int8 weights with VPMADDUBSW, which adds pairs of
+    products in saturating int16: 2 x 255 x 127 overflows it, so u8s8 results drift from exact integer maths on
+    CPUs without VNNI (onnxruntime's quantization docs: reduce_range or U8U8). uint8 weights take the exact
+    u8u8 path and keep the grid's full 8 bits.
+    """
+    if grid.storage != "int8" or grid.qmin < -128 or grid.qmax > 127:
+        return grid
+    return Grid(grid.scale, grid.zero_point + 128, grid.qmin + 128, grid.qmax + 128, grid.axis)
+
+
 class ExportLayer(nn.Module):
     """A quantized (possibly BN-folded) conv or linear layer in export form, or its float twin."""
 
-    def __init__(self, name: str, layer: nn.Module, quantize: bool) -> None:
+    def __init__(self, name: str, layer: nn.Module, quantize: bool, output_grid: Optional[Grid] = None,
+                 unsigned_weights: bool = True) -> None:
         super().__init__()
         inner = quantized_conv(layer)
         weight, bias = effective_weight_bias(layer)
@@ -78,8 +92,14 @@ class ExportLayer(nn.Module):
         if quantize and inner.input_quantizer is not None:
             self.input_qdq = QDQ(grid_of(inner.input_quantizer), f"layer {name} inputs")
         if quantize and inner.weight_quantizer is not None:
-            self.weight_qdq = QDQ(grid_of(inner.weight_quantizer, weight), f"layer {name} weights", constant=True)
+            grid = grid_of(inner.weight_quantizer, weight)
+            grid = shift_to_unsigned(grid) if unsigned_weights else grid
+            self.weight_qdq = QDQ(grid, f"layer {name} weights", constant=True)
             weight = self.weight_qdq.clamp_constant(weight)
+        # The next layer's input grid, applied to this layer's output when only ReLU, max pooling and flatten lie
+        # between: those commute with the grid (monotonic, 0 on the grid), so values are unchanged, and the
+        # explicit DQ -> Conv -> Q group lets onnxruntime run the layer as QLinearConv.
+        self.output_qdq = QDQ(output_grid, f"layer {name} outputs") if output_grid is not None else None
         self.register_buffer("weight", weight.clone().contiguous())
         self.register_buffer("bias", None if bias is None else bias.clone())
 
@@ -87,22 +107,69 @@ class ExportLayer(nn.Module):
         if self.input_qdq is not None:
             x = self.input_qdq(x)
         weight = self.weight if self.weight_qdq is None else self.weight_qdq(self.weight)
-        if self.conv:
-            return F.conv2d(x, weight, self.bias, *self.conv_args)
-        return F.linear(x, weight, self.bias)
+        out = F.conv2d(x, weight, self.bias, *self.conv_args) if self.conv else F.linear(x, weight, self.bias)
+        return out if self.output_qdq is None else self.output_qdq(out)
 
 
-def export_module(model: nn.Module, quantize: bool = True) -> nn.Module:
-    """A copy of `model` in eval form with every quantized layer replaced by an ExportLayer."""
+def export_module(model: nn.Module, quantize: bool = True, example: Optional[torch.Tensor] = None) -> nn.Module:
+    """A copy of `model` in eval form with every quantized layer replaced by an ExportLayer.
+
+    With an example input, adaptive pools that are identities at its size (cnn's 7x7 -> 7x7) are dropped: an
+    AveragePool between a conv and the next QuantizeLinear stops onnxruntime from fusing that conv into an
+    integer QLinearConv.
+    """
     exported = copy.deepcopy(model).cpu().eval()
+    dropped = _drop_identity_pools(exported, example) if example is not None else set()
+    output_grids = _output_grids(model, dropped) if quantize else {}
     exported._load_state_dict_pre_hooks.clear()
     targets = [(n, m) for n, m in exported.named_modules()
                if isinstance(m, FoldedConvBN) or (isinstance(m, QuantizedLayer) and not _inside_folded(exported, n))]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = exported.get_submodule(parent_name) if parent_name else exported
-        setattr(parent, child, ExportLayer(name, module, quantize))
+        setattr(parent, child, ExportLayer(name, module, quantize, output_grids.get(name)))
     return exported.to(memory_format=torch.contiguous_format)
+
+
+@torch.no_grad()
+def _drop_identity_pools(model: nn.Module, example: torch.Tensor) -> set[str]:
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))]
+    identities: list[str] = []
+    handles = [m.register_forward_hook(lambda _m, args, out, name=n: identities.append(name)
+                                       if out.shape == args[0].shape else None) for n, m in pools]
+    try:
+        model(example.cpu().float())
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in set(identities):
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, nn.Identity())
+    return set(identities)
+
+
+GRID_COMMUTING = (nn.ReLU, nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
+
+
+def _output_grids(model: nn.Module, identity_pools: set[str]) -> dict[str, Grid]:
+    """Layer name -> the next layer's input grid, where only grid-commuting ops separate the two layers."""
+    from qrun.int8.integer import _chain
+
+    try:
+        chain = _chain(model)
+    except QrunError:
+        return {}  # not a chain (residual nets): export without output Q/DQ, still correct
+    layers = [i for i, (_, m) in enumerate(chain) if isinstance(m, (QuantizedLayer, FoldedConvBN))]
+    grids = {}
+    for index, following in zip(layers, layers[1:]):
+        between = chain[index + 1:following]
+        quantizer = quantized_conv(chain[following][1]).input_quantizer
+        if quantizer is None or not all(isinstance(m, GRID_COMMUTING) or n in identity_pools for n, m in between):
+            continue
+        grid = grid_of(quantizer)
+        if grid.storage is not None and grid.axis is None:
+            grids[chain[index][0]] = grid
+    return grids
 
 
 def _inside_folded(model: nn.Module, name: str) -> bool:
@@ -112,7 +179,7 @@ def _inside_folded(model: nn.Module, name: str) -> bool:
 
 def export_onnx(model: nn.Module, path: Path, example: torch.Tensor, quantize: bool = True) -> Path:
     """Write `model` (quantized: QDQ; else its float twin) to `path` with a dynamic batch axis."""
-    module = export_module(model, quantize)
+    module = export_module(model, quantize, example)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
