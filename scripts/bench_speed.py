@@ -102,7 +102,7 @@ def measure_memory(runs: dict, device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         return {label: peak_step_memory(step, device) for label, step in runs.items()}
     env = dict(os.environ, **{MMAP_ENV: "65536"})
-    argv = [a for a in sys.argv[1:] if a != "--memory-child"]
+    argv = [a for a in sys.argv[1:] if a not in ("--memory-child", "--clock", "cpu", "wall")]
     argv = [a for i, a in enumerate(argv) if a != "--reps" and (i == 0 or argv[i - 1] != "--reps")]
     out = subprocess.run([sys.executable, __file__, *argv, "--memory-child", "--warmup", "2"], env=env,
                          check=True, capture_output=True, text=True).stdout
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile every model (float included)")
     parser.add_argument("--only", nargs="*", help="labels to run (float is always included)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: process CPU time, robust to other jobs sharing the machine (use with --threads 1)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -140,18 +143,19 @@ def main() -> None:
     if args.memory_child:
         print(json.dumps({label: peak_step_memory(step, device) for label, step in runs.items()}))
         return
-    memory = measure_memory(runs, device)
+    memory = {label: float("nan") for label in runs} if args.no_memory else measure_memory(runs, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {label: [] for label in runs}
     for _ in range(args.reps):
         for label, step in runs.items():  # interleaved: one step of each config per round
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             step()
             _sync(device)
-            times[label].append(time.perf_counter() - start)
+            times[label].append(clock() - start)
 
     print(f"device={device} threads={torch.get_num_threads()} batch={args.batch} reps={args.reps} "
-          f"compile={args.compile} torch={torch.__version__}")
+          f"compile={args.compile} clock={args.clock} torch={torch.__version__}")
     print("memory: peak growth during one step " + ("(CUDA allocator)" if device.type == "cuda"
                                                      else "(VmHWM - VmRSS, mmapped tensors)"))
     base_t, base_m = statistics.median(times["float"]), memory["float"]

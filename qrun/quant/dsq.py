@@ -26,7 +26,7 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.quant.base import Quantizer, register_quantizer
-from qrun.quant.ste import Codes, code_dtype, dot, pass_inside, scalar, sum_above, with_codes
+from qrun.quant.ste import Codes, above, below, encode, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
 
 ALPHA_INIT = 0.2  # section 4 of the paper
@@ -75,47 +75,94 @@ class _DSQFunction(Function):
         lo, hi, a = scalar(lower), scalar(upper), scalar(alpha)
         delta = (hi - lo) / levels
         q = dsq_levels(x, lo, hi, levels)
-        codes = Codes(q.to(code_dtype(0, levels)), delta, lo, x.dtype)
+        packed, shift = encode(q, 0, levels)
+        codes = Codes(packed, delta, lo, x.dtype, shift)
         y = q.mul_(delta).add_(lo)  # decode(codes) repeats exactly these operations
-        ctx.save_for_backward(x, codes.codes)
-        ctx.constants = (lo, hi, a, levels)
+        ctx.save_for_backward(x, packed)
+        ctx.constants = (lo, hi, a, levels, shift)
         return y, (codes if compact else None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _codes_grad: object):
         x, codes = ctx.saved_tensors
-        lo, hi, alpha, levels = ctx.constants
-        q = codes.to(x.dtype)
-        grad_x, grad_lower, grad_upper, grad_alpha = dsq_backward(grad, x, q, lo, hi, alpha, levels)
+        lo, hi, alpha, levels, shift = ctx.constants
+        grad_x, grad_lower, grad_upper, grad_alpha = dsq_backward(grad, x, codes, lo, hi, alpha, levels, shift)
         return grad_x, grad_lower, grad_upper, grad_alpha, None, None
 
 
-def dsq_backward(grad: torch.Tensor, x: torch.Tensor, q: torch.Tensor, lo: float, hi: float, alpha: float,
-                 levels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the levels q; each step below is one pass."""
+# Backward works through the tensor in chunks: its ~20 elementwise passes then stay in cache instead of streaming
+# ten activation-sized temporaries through memory (measured ~3x faster on the 2-core CPU than whole tensors).
+CHUNK = 1 << 19
+
+
+def _flat(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """1-D views in memory order (NCHW- or channels_last-contiguous alike), copying only mixed layouts."""
+    if all(t.is_contiguous() for t in tensors):
+        return [t.view(-1) for t in tensors]
+    if all(t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
+        return [t.permute(0, 2, 3, 1).reshape(-1) for t in tensors]
+    return [t.contiguous().view(-1) for t in tensors]
+
+
+def _same_layout(*tensors: torch.Tensor) -> bool:
+    return all(t.is_contiguous() for t in tensors) or all(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in tensors)
+
+
+def dsq_backward(grad: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lo: float, hi: float, alpha: float,
+                 levels: int, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the level codes (q = codes + shift)."""
     delta = (hi - lo) / levels
     s = 1.0 / (1.0 - alpha)
     c = math.log(2.0 / alpha - 1.0)
-    g_in = pass_inside(grad, x, lo, hi)
-    # d = q - r = -f + 1/2 sgn(f): its sign is the sign of f (the interval half x lies in); |f| = 1/2 - |d|.
-    d = torch.mul(x, -1.0 / delta).add_(q).add_(lo / delta)
-    abs_f = torch.abs(d).neg_().add_(0.5)
-    # With p = sigmoid(2 c |f|): |t| = 2p - 1 and 1 - t^2 = 4 p (1 - p); sigmoid is ~3x cheaper than tanh here.
-    p = torch.mul(abs_f, 2.0 * c).sigmoid_()
-    pq = torch.addcmul(p, p, p, value=-1.0)  # p (1 - p)
-    grad_x = torch.mul(g_in, pq).mul_(2.0 * s * c)  # g * D
-    # alpha: (Delta/2) sgn(f) [s^2 |t| - s (1 - t^2) 2 |f| / (alpha (2 - alpha))]
-    h = pq.mul_(abs_f).mul_(-8.0 * s / (alpha * (2.0 - alpha))).add_(p, alpha=2.0 * s * s).sub_(s * s).mul_(g_in)
-    # sum of sgn(f) h = 2 sum_{f > 0} h - sum h; f > 0 exactly where d > 0 (d = 0 sits at f = -1/2).
-    sum_h = h.sum()
-    signed_h = 2.0 * sum_above(h, d, 0.0) - sum_h
+    if not _same_layout(grad, x, codes):
+        grad, x, codes = grad.contiguous(), x.contiguous(), codes.contiguous()
+    g_flat, x_flat, codes_flat = _flat(grad, x, codes)
+    grad_x = torch.empty_like(grad)  # same layout as grad, so its flat view below is a view, not a copy
+    (gx_flat,) = _flat(grad_x)
+    size = min(CHUNK, g_flat.numel())
+    q, g_in, d, a, p, pq = (torch.empty(size, dtype=grad.dtype, device=grad.device) for _ in range(6))
+    lo_b, hi_a = below(lo, x.dtype), above(hi, x.dtype)
+    sums: list[torch.Tensor] = []
+    for start in range(0, g_flat.numel(), size):
+        n = min(size, g_flat.numel() - start)
+        g_c, x_c, gx = g_flat[start:start + n], x_flat[start:start + n], gx_flat[start:start + n]
+        sums.extend(_dsq_chunk(g_c, x_c, codes_flat[start:start + n], gx, q[:n], g_in[:n], d[:n], a[:n], p[:n],
+                               pq[:n], lo, hi, lo_b, hi_a, delta, s, c, alpha, shift))
+    totals = torch.stack(sums).view(-1, 6).double().sum(0)
+    sum_g, sum_above_u, sum_gin_q, sum_gx, sum_gx_x, signed_h = totals.unbind()
     grad_alpha = signed_h * (delta / 2.0)
     # u: sum_{x > u} g + (1/n) sum_in g (q - D r), with r = (x - l)/Delta.
-    sum_grad_x = grad_x.sum()
-    inner = dot(g_in, q) - (dot(grad_x, x) - lo * sum_grad_x) / delta
-    grad_upper = sum_above(grad, x, hi) + inner / levels
-    grad_lower = grad.sum() - sum_grad_x - grad_upper
-    return grad_x, grad_lower, grad_upper, grad_alpha
+    grad_upper = sum_above_u + (sum_gin_q - (sum_gx_x - lo * sum_gx) / delta) / levels
+    grad_lower = sum_g - sum_gx - grad_upper
+    dtype = grad.dtype
+    return grad_x, grad_lower.to(dtype), grad_upper.to(dtype), grad_alpha.to(dtype)
+
+
+def _dsq_chunk(g: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, grad_x: torch.Tensor, q: torch.Tensor,
+               g_in: torch.Tensor, d: torch.Tensor, a: torch.Tensor, p: torch.Tensor, pq: torch.Tensor,
+               lo: float, hi: float, lo_b: float, hi_a: float, delta: float, s: float, c: float,
+               alpha: float, shift: int) -> list[torch.Tensor]:
+    """One chunk: writes grad_x, returns its partial sums; q..pq are scratch buffers."""
+    q.copy_(codes)
+    if shift:
+        q.add_(shift)
+    torch.ops.aten.hardtanh_backward.grad_input(g, x, lo_b, hi_a, grad_input=g_in)  # g inside [l, u]
+    sum_gin_q = torch.dot(g_in, q)
+    # d = q - r = -f + 1/2 sgn(f): its sign is the sign of f (the interval half x lies in); |f| = 1/2 - |d|.
+    torch.add(q, x, alpha=-1.0 / delta, out=d).add_(lo / delta)
+    torch.abs(d, out=a).mul_(-2.0 * c).add_(c)  # a = 2 c |f|
+    # With p = sigmoid(2 c |f|): |t| = 2p - 1 and 1 - t^2 = 4 p (1 - p); sigmoid is ~3x cheaper than tanh here.
+    torch.sigmoid(a, out=p)
+    torch.addcmul(p, p, p, value=-1.0, out=pq)  # p (1 - p)
+    torch.mul(g_in, pq, out=grad_x).mul_(2.0 * s * c)  # g * D
+    sum_gx, sum_gx_x = grad_x.sum(), torch.dot(grad_x, x)
+    # alpha: sgn(f) [s^2 |t| - s (1 - t^2) 2 |f| / (alpha (2 - alpha))], the 2|f| being a / c.
+    h = pq.mul_(a).mul_(-4.0 * s / (c * alpha * (2.0 - alpha))).add_(p, alpha=2.0 * s * s).sub_(s * s).mul_(g_in)
+    # sum of sgn(f) h = 2 sum_{f > 0} h - sum h; f > 0 exactly where d > 0 (d = 0 sits at f = -1/2).
+    signed_h = 2.0 * torch.ops.aten.threshold_backward.grad_input(h, d, 0.0, grad_input=a).sum() - h.sum()
+    sum_above_u = torch.ops.aten.threshold_backward.grad_input(g, x, hi, grad_input=a).sum()
+    return [g.sum(), sum_above_u, sum_gin_q, sum_gx, sum_gx_x, signed_h]
 
 
 @register_quantizer

@@ -17,7 +17,7 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.quant.base import Quantizer, register_quantizer
-from qrun.quant.ste import CODES_ATTR, dot, grid_codes, pass_inside, scalar, with_codes
+from qrun.quant.ste import CODES_ATTR, dot, grid_codes, levels_of, pass_inside, scalar, with_codes
 from qrun.quant.uniform import RangeObserver, require_signed_bits
 
 MIN_STEP = 1e-8  # the step is kept > 0 by projection after each update
@@ -32,16 +32,16 @@ class _LSQFunction(Function):
         y = grid_codes(x, s, -qn, qp, compact=True)
         codes = getattr(y, CODES_ATTR)
         ctx.save_for_backward(x, codes.codes)
-        ctx.constants = (s, qn, qp, grad_scale)
+        ctx.constants = (s, qn, qp, grad_scale, codes.shift)
         return y, (codes if compact else None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _codes_grad: object):
         x, codes = ctx.saved_tensors
-        s, qn, qp, grad_scale = ctx.constants
+        s, qn, qp, grad_scale, shift = ctx.constants
         grad_x = pass_inside(grad, x, -qn * s, qp * s)
         # sum g (clip(round(v/s)) - v/s [inside]) = <g, q> - <g_inside, x> / s: two dot products, no mask.
-        grad_step = (dot(grad, codes.to(grad.dtype)) - dot(grad_x, x) / s) * grad_scale
+        grad_step = (dot(grad, levels_of(codes, shift, grad.dtype)) - dot(grad_x, x) / s) * grad_scale
         return grad_x, grad_step.reshape(()), None, None, None, None
 
 

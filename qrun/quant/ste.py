@@ -74,22 +74,37 @@ CODES_ATTR = "_qrun_codes"
 
 
 class Codes(NamedTuple):
+    """y = offset + scale * (codes + shift), codes an integer tensor."""
+
     codes: torch.Tensor
     scale: float
     offset: float
     dtype: torch.dtype
+    shift: int = 0
 
 
-def code_dtype(qmin: int, qmax: int) -> torch.dtype:
-    for dtype in (torch.uint8, torch.int8, torch.int16):
-        info = torch.iinfo(dtype)
-        if info.min <= qmin and qmax <= info.max:
-            return dtype
-    return torch.int32
+def encode(q: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, int]:
+    """Integer codes for float-held integer levels q in [qmin, qmax], and the shift that restores q.
+
+    int8 whenever 256 levels suffice: float -> int8 conversion is ~10x faster than float -> uint8 on CPU here,
+    so 8-bit unsigned grids are stored shifted by -128.
+    """
+    if -128 <= qmin and qmax <= 127:
+        return q.to(torch.int8), 0
+    if qmax - qmin <= 255:
+        return torch.sub(q, qmin + 128).to(torch.int8), qmin + 128
+    dtype = torch.int16 if -(2**15) <= qmin and qmax < 2**15 else torch.int32
+    return q.to(dtype), 0
+
+
+def levels_of(codes: torch.Tensor, shift: int, dtype: torch.dtype) -> torch.Tensor:
+    """The float integer levels q back from `encode`'s codes."""
+    q = codes.to(dtype)
+    return q.add_(shift) if shift else q
 
 
 def decode(c: Codes) -> torch.Tensor:
-    y = c.codes.to(c.dtype).mul_(c.scale)
+    y = levels_of(c.codes, c.shift, c.dtype).mul_(c.scale)
     return y.add_(c.offset) if c.offset != 0.0 else y
 
 
@@ -119,9 +134,9 @@ def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool
     q = torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
     if not compact:
         return q.mul_(step)
-    codes = q.to(code_dtype(qmin, qmax))
+    codes, shift = encode(q, qmin, qmax)
     y = q.mul_(step)
-    setattr(y, CODES_ATTR, Codes(codes, step, 0.0, y.dtype))
+    setattr(y, CODES_ATTR, Codes(codes, step, 0.0, y.dtype, shift))
     return y
 
 
