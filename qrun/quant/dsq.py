@@ -26,7 +26,7 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.quant.base import Quantizer, register_quantizer
-from qrun.quant.ste import Codes, above, below, encode, scalar, with_codes
+from qrun.quant.ste import Codes, above, affine_levels, below, encode, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
 
 ALPHA_INIT = 0.2  # section 4 of the paper
@@ -37,12 +37,14 @@ MIN_WIDTH = 1e-6  # smallest u - l we let the optimizer reach
 def dsq_levels(x: torch.Tensor, lower: float, upper: float, levels: int) -> torch.Tensor:
     """q = floor((clip(x) - l) / Delta + 1/2) in [0, n] as floats: i + (sgn(phi) + 1)/2 with ties up (sgn(0) = +1)."""
     delta = (upper - lower) / levels
-    return torch.mul(x, 1.0 / delta).add_(0.5 - lower / delta).floor_().clamp_(0, levels)
+    # (x - l)/Delta + 1/2 as one fused pass: a 0-d tensor plus alpha * x.
+    shift = torch.tensor(0.5 - lower / delta, dtype=x.dtype, device=x.device)
+    return torch.add(shift, x, alpha=1.0 / delta).floor_().clamp_(0, levels)
 
 
 def dsq_hard(x: torch.Tensor, lower: float, upper: float, levels: int) -> torch.Tensor:
     """Q(x) = l + Delta q: the hard DSQ output, exactly on the grid of 2^b levels."""
-    return dsq_levels(x, lower, upper, levels).mul_((upper - lower) / levels).add_(lower)
+    return affine_levels(dsq_levels(x, lower, upper, levels), (upper - lower) / levels, lower)
 
 
 def dsq_soft(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor,
@@ -77,7 +79,7 @@ class _DSQFunction(Function):
         q = dsq_levels(x, lo, hi, levels)
         packed, shift = encode(q, 0, levels)
         codes = Codes(packed, delta, lo, x.dtype, shift)
-        y = q.mul_(delta).add_(lo)  # decode(codes) repeats exactly these operations
+        y = affine_levels(q, delta, lo)  # decode(codes) repeats exactly this operation
         ctx.save_for_backward(x, packed)
         ctx.constants = (lo, hi, a, levels, shift)
         return y, (codes if compact else None)

@@ -103,9 +103,15 @@ def levels_of(codes: torch.Tensor, shift: int, dtype: torch.dtype) -> torch.Tens
     return q.add_(shift) if shift else q
 
 
+def affine_levels(q: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
+    """offset + scale * q, in place on q, in one pass (the one formula both forward and `decode` use)."""
+    if offset == 0.0:
+        return q.mul_(scale)
+    return torch.add(torch.tensor(offset, dtype=q.dtype, device=q.device), q, alpha=scale, out=q)
+
+
 def decode(c: Codes) -> torch.Tensor:
-    y = levels_of(c.codes, c.shift, c.dtype).mul_(c.scale)
-    return y.add_(c.offset) if c.offset != 0.0 else y
+    return affine_levels(levels_of(c.codes, c.shift, c.dtype), c.scale, c.offset)
 
 
 def _pack(t: torch.Tensor) -> object:
@@ -193,20 +199,24 @@ def sign(x: torch.Tensor) -> torch.Tensor:
 
 class _SignSTE(Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, saturate: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, saturate: bool, compact: bool):
         ctx.saturate = saturate
         if saturate:
             ctx.save_for_backward(x)
-        return sign(x)
+        y = sign(x)
+        return y, (Codes(y.to(torch.int8), 1.0, 0.0, y.dtype) if compact else None)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: torch.Tensor, _codes_grad: object):
         if not ctx.saturate:
-            return grad, None
+            return grad, None, None
         (x,) = ctx.saved_tensors
-        return pass_inside(grad, x, -1.0, 1.0), None
+        return pass_inside(grad, x, -1.0, 1.0), None, None
 
 
-def sign_ste(x: torch.Tensor, saturate: bool = True) -> torch.Tensor:
-    """sign forward; backward identity, zeroed for |x| > 1 when `saturate` (XNOR-Net/BNN's hard-tanh STE)."""
-    return _SignSTE.apply(x, saturate)
+def sign_ste(x: torch.Tensor, saturate: bool = True, compact: bool = False) -> torch.Tensor:
+    """sign forward; backward identity, zeroed for |x| > 1 when `saturate` (XNOR-Net/BNN's hard-tanh STE).
+
+    `compact`: attach int8 codes so the consuming layer saves 1 byte per element.
+    """
+    return with_codes(*_SignSTE.apply(x, saturate, compact))

@@ -52,7 +52,7 @@ class XNORQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return xnor_weight(x)
-        return sign_ste(x, saturate=True)
+        return sign_ste(x, saturate=True, compact=torch.is_grad_enabled())
 
     def scale_output(self, out: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         k = input_scale(x, layer)
