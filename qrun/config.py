@@ -105,7 +105,7 @@ class QrunConfig:
     w_bits: int = II("bits")
     a_bits: int = II("bits")
     quantize_input: bool = False
-    epochs: int = 6
+    epochs: int = 8
     batch_size: int = 128
     eval_batch_size: int = 512
     label_smoothing: float = 0.0

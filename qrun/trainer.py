@@ -97,12 +97,13 @@ def configure_determinism(seed: int, deterministic: bool) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    # Set both ways: a reused process (a joblib worker, a test session) must not inherit the previous job's mode.
     if deterministic:
         # cuBLAS needs this workspace setting to be deterministic; it must be set before the first matmul.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def architecture(cfg: DictConfig) -> dict[str, Any]:
