@@ -21,6 +21,8 @@ FULL_PRECISION_BITS = 32
 class Mode(Enum):
     train = "train"
     evaluate = "evaluate"
+    calibrate = "calibrate"  # post-training quantization of a float checkpoint (qrun.int8.modes)
+    export = "export"  # ONNX QDQ + float ONNX, both evaluated in onnxruntime (qrun.int8.modes)
 
 
 class Device(Enum):
@@ -118,6 +120,11 @@ class QrunConfig:
     compile: bool = False
     # NHWC tensors: oneDNN's CPU convolutions (and tensor cores) run markedly faster on them.
     channels_last: bool = True
+    # Start training from another run's weights (a float checkpoint for QAT, or a calibrated one): a checkpoint
+    # file or run directory; unlike resume=, the optimizer, schedule and epoch start afresh.
+    init_from: Optional[str] = None
+    # mode=calibrate: training batches (of batch_size) run through the observers.
+    calib_batches: int = 32
     # Multirun folder name: sweeps land in multirun/<sweep>/<job>; the same name and command resume a sweep.
     sweep: str = "default"
     # CPU threads for this job; null: cores / parallel jobs (joblib n_jobs, SLURM cpus_per_task, torchrun ranks).
@@ -145,7 +152,7 @@ def validate(cfg: DictConfig) -> None:
         value = cfg[key]
         if not MIN_BITS <= value <= MAX_BITS:
             raise QrunError(f"{key}={value} is out of range; accepted: integers {MIN_BITS}..{MAX_BITS}")
-    _check_positive(cfg, ("epochs", "batch_size", "eval_batch_size"))
+    _check_positive(cfg, ("epochs", "batch_size", "eval_batch_size", "calib_batches"))
     if cfg.get("threads") is not None and cfg.threads < 1:
         raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:

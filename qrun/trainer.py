@@ -25,6 +25,7 @@ from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
 from qrun.engine import evaluate, to_device, train_one_epoch
 from qrun.errors import QrunError
+from qrun.int8 import modes as int8_modes
 from qrun.models import get_model
 from qrun.optim import build_optimizer, build_scheduler
 from qrun.tb import Logger
@@ -173,6 +174,9 @@ def train(context: RunContext) -> dict[str, Any]:
         restore_training_state(state, resume_path, cfg)
         log.info("resumed from %s at epoch %d", resume_path, state.epoch + 1)
     else:
+        if cfg.init_from:
+            path = checkpoint.resolve(cfg.init_from, prefer=checkpoint.BEST)
+            load_initial_weights(state.model, checkpoint.load(path), cfg, path)
         used = quant.initialize_from_data(state.model, (to_device(b, b, context.device, cfg.channels_last)[0]
                                                         for b in first_batches(
             data.train, cfg.quant.init_batches, cfg.batch_size, cfg.seed)))
@@ -202,6 +206,7 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
     metrics: dict[str, float] = dict(state.history[-1]) if state.history else {}
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            quant.on_epoch_start(state.model, epoch)  # observer / BN-statistics freezing schedules
             lr = state.optimizer.param_groups[0]["lr"]
             train_metrics = train_one_epoch(step_model, criterion, state.optimizer, state.scheduler,
                                             train_loader.epoch(epoch), context.device, epoch, cfg.progress,
@@ -260,6 +265,17 @@ def resume_checkpoint(cfg: DictConfig, context: RunContext) -> Optional[Path]:
         return checkpoint.resolve(cfg.resume, prefer=checkpoint.LAST)
     own = context.checkpoint_dir / checkpoint.LAST
     return own if cfg.auto_resume and own.is_file() else None
+
+
+def load_initial_weights(model: nn.Module, payload: dict[str, Any], cfg: DictConfig, path: Path) -> None:
+    """Start from another run's weights (init_from=, mode=calibrate): same network and dataset, any quantizer."""
+    saved = payload["architecture"]
+    for key in ("model", "dataset"):
+        if saved.get(key) != architecture(cfg)[key]:
+            raise QrunError(f"checkpoint {path} is for {key}={saved.get(key)}, the config has {key}="
+                            f"{architecture(cfg)[key]}; pass a checkpoint of the same {key}")
+    quant.load_float_state(model, payload["model"])
+    log.info("weights from %s (%s, quant=%s)", path, saved.get("model"), saved.get("quant"))
 
 
 def restore_training_state(state: TrainingState, path: Path, cfg: DictConfig) -> None:
@@ -344,4 +360,6 @@ def finished_results(context: RunContext) -> Optional[dict[str, Any]]:
 MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {
     "train": train,
     "evaluate": evaluate_checkpoint,
+    "calibrate": int8_modes.calibrate,
+    "export": int8_modes.export,
 }

@@ -102,6 +102,8 @@ def test_bad_requests_are_refused(runs: dict[str, Path], tmp_path: Path) -> None
         run_training([*TINY, "mode=calibrate", "quant=affine", "bits=8", f"resume={runs['ptq8']}"], tmp_path / "b")
     with pytest.raises(QrunError, match="is for model=cnn_bn"):
         run_training([*TINY, "model=cnn", "quant=affine", f"init_from={runs['fp']}"], tmp_path / "c")
+    with pytest.raises(QrunError, match="needs a quantized run"):
+        run_training([*TINY, "mode=export", f"resume={runs['fp']}"], tmp_path / "e")
     with pytest.raises(QrunError, match="calib_batches=0"):
         run_training([*TINY, "mode=calibrate", "quant=affine", "calib_batches=0", f"resume={runs['fp']}"],
                      tmp_path / "d")

@@ -63,6 +63,9 @@ def export(context: Any) -> dict[str, Any]:
     from qrun.int8.export import count_ops, export_onnx, ort_evaluate
 
     cfg = context.cfg
+    if cfg.quant.name == quant.FULL_PRECISION:
+        raise QrunError("mode=export writes a Q/DQ model and needs a quantized run (quant=affine, uniform or lsq); "
+                        "got quant=none")
     path = checkpoint.resolve(cfg.resume, prefer=checkpoint.BEST)
     payload = checkpoint.load(path)
     checkpoint.check_architecture(payload["architecture"], trainer.architecture(cfg), path)

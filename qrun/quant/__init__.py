@@ -10,6 +10,8 @@ from qrun.quant.model import (
     initialize_from_data,
     learned_table,
     learned_values,
+    load_float_state,
+    on_epoch_start,
     quantize_model,
     quantizer_parameters,
     quantizers,
@@ -17,9 +19,10 @@ from qrun.quant.model import (
 
 __all__ = [
     "FULL_PRECISION", "QuantConv2d", "QuantLinear", "Quantizer", "QuantizedLayer", "available_quantizers",
-    "build_quantizer", "initialize_from_data", "learned_table", "learned_values", "quantize_model",
+    "build_quantizer", "initialize_from_data", "learned_table", "learned_values", "load_float_state",
+    "on_epoch_start", "quantize_model",
     "quantizer_parameters", "quantizers", "register_quantizer",
 ]
 
 # Importing a quantizer module registers it.
-from qrun.quant import dorefa, dsq, lsq, pact, twn, uniform, xnor  # noqa: E402,F401
+from qrun.quant import affine, dorefa, dsq, lsq, pact, twn, uniform, xnor  # noqa: E402,F401

@@ -77,6 +77,13 @@ class Quantizer(nn.Module):
         """A module applied to the layer output that quantizes the gradient flowing back (DoReFa's g_bits)."""
         return None
 
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the trainer before each training epoch (1-based); schedules such as freezing observers."""
+
+    @classmethod
+    def prepare_model(cls, model: nn.Module, **options: object) -> None:
+        """Model-level changes a scheme needs once its layers are swapped in (affine folds BatchNorm); none here."""
+
     def learned_values(self) -> dict[str, float]:
         """Scalar summaries of learned (or data-derived) values, for TensorBoard and the learned-parameter table."""
         return {}

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional
 import torch
 from torch import nn
 
+from qrun.errors import QrunError
 from qrun.quant.base import Quantizer, build_quantizer, quantizer_class
 from qrun.quant.layers import QUANTIZED_TYPES, QuantizedLayer
 from qrun.quant.policy import EDGE_BITS, LayerPlan, plan_layers
@@ -26,6 +27,7 @@ def quantize_model(model: nn.Module, name: str, w_bits: int, a_bits: int, quanti
         if not plan.skip:
             layer_name, layer_options = _edge_fallback(plan, name, first_last, options)
             _swap_layer(model, plan, layer_name, layer_options)
+    quantizer_class(name).prepare_model(model, **options)
     return model
 
 
@@ -123,3 +125,27 @@ def learned_table(model: nn.Module) -> str:
         cells = [f"{values[c]:.4f}" if c in values else "" for c in columns]
         lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def on_epoch_start(model: nn.Module, epoch: int) -> None:
+    """Before each training epoch: let every module with a schedule (observer or BN-statistics freezing) act."""
+    for module in model.modules():
+        hook = getattr(module, "on_epoch_start", None)
+        if module is not model and callable(hook):
+            hook(epoch)
+
+
+def load_float_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load weights trained without (or with other) quantizers; returns the quantizer keys left at their defaults.
+
+    Every stored tensor must find its place, and only quantizer state may be missing: anything else means the
+    checkpoint belongs to another network.
+    """
+    quantizer_prefixes = tuple(f"{layer}.{'weight' if kind == 'weight' else 'input'}_quantizer."
+                               for layer, kind, _ in quantizers(model))
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(quantizer_prefixes)]
+    if missing or result.unexpected_keys:
+        raise QrunError(f"checkpoint weights do not fit this model (missing: {', '.join(missing) or 'none'}; "
+                        f"unexpected: {', '.join(result.unexpected_keys) or 'none'})")
+    return list(result.missing_keys)
