@@ -33,10 +33,9 @@ def test_onnxruntime_reproduces_fake_quant(model_name: str, bits: int, per_chann
     onnx_logits = torch.from_numpy(ort_session(path).run(None, {INPUT: x.numpy()})[0])
     with torch.no_grad():
         torch_logits = model(x)
-    # The export stores biases as int32 at scale S_x S_w (Jacob et al. eq. 10-11) where fake quantization keeps
-    # them float: an error below half an accumulator step that can move a requantized value by one step.
-    assert float((onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean()) >= 0.97
-    assert float((onnx_logits - torch_logits).abs().median()) < 1e-2 * float(torch_logits.abs().max())
+    # Same grids, same int32 biases: equal up to float summation order (a rare rounding tie may flip one code).
+    assert float((onnx_logits.argmax(1) == torch_logits.argmax(1)).float().mean()) >= 0.99
+    assert float((onnx_logits - torch_logits).abs().median()) < 1e-5 * float(torch_logits.abs().max())
 
 
 def test_onnxruntime_fuses_convs_into_integer_kernels(tmp_path: Path) -> None:

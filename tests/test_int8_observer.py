@@ -142,3 +142,20 @@ def _tflite_multiply(x: int, multiplier: int, shift: int) -> int:
     remainder = high & mask
     threshold = (mask >> 1) + (1 if high < 0 else 0)
     return (high >> exponent) + (1 if remainder > threshold else 0)
+
+
+def test_bias_is_rounded_to_the_int32_grid_of_input_times_weight_scale() -> None:
+    from qrun.quant import QuantLinear
+
+    torch.manual_seed(3)
+    layer = QuantLinear(6, 4, weight_quantizer=build_quantizer("affine", 4, "weight"),
+                        input_quantizer=build_quantizer("affine", 4, "act"))
+    layer.bias.data = torch.tensor([0.3, -0.2, 0.05, 0.9])
+    x = torch.rand(5, 6)
+    layer.train()(x)
+    layer.eval()
+    s_x, s_w = layer.input_quantizer.qparams()[0], layer.weight_quantizer.qparams()[0]
+    bias = torch.round(layer.bias / (s_x * s_w)) * (s_x * s_w)
+    expected = torch.nn.functional.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), bias)
+    assert torch.allclose(layer(x), expected, atol=1e-6)
+    assert not torch.allclose(bias, layer.bias)  # 4-bit scales are coarse: the rounding is visible

@@ -59,7 +59,10 @@ class FoldedConvBN(nn.Module):
             out = self._forward_batch_statistics(x_q)
         else:
             weight, bias = self.folded()
-            out = self.conv._conv_forward(x_q, self._quantized(weight), bias)
+            weight = self._quantized(weight)
+            if self.conv.weight_quantizer is not None:  # after the weight quantizer: S_w is current
+                bias = self.conv.weight_quantizer.quantize_bias(bias, self.conv.input_quantizer)
+            out = self.conv._conv_forward(x_q, weight, bias)
         return self.conv.finish_output(out, x)
 
     def _forward_batch_statistics(self, x_q: torch.Tensor) -> torch.Tensor:

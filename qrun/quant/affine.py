@@ -6,9 +6,8 @@ the range [min, max] comes from an observer (an exponential moving average of ba
 first widened to contain 0, then Z is rounded to an integer ("nudged") so that real 0 is exactly representable
 (section 2.1: zero padding and ReLU must be exact). Weights use the symmetric narrow grid {-(2^(b-1)-1) ..
 2^(b-1)-1} with Z = 0 (TFLite's int8 weight spec), per tensor or per output channel. The float weights stay the
-trained ("shadow") weights; only the forward pass sees quantized values. Biases are not fake-quantized here: the
-integer conversion stores them as int32 with scale S_input x S_weight (eq. 10-11), an error below half a step of
-the int32 accumulator.
+trained ("shadow") weights; only the forward pass sees quantized values. Biases are rounded to the int32 grid of
+scale S_input x S_weight (eq. 10-11), as the integer model and the ONNX export store them.
 
 Observers update in training mode (and during calibration) until frozen; evaluation always uses the stored range,
 so a sample's output never depends on its batch mates.
@@ -133,6 +132,16 @@ class AffineQuantizer(Quantizer):
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale.to(x.dtype), zero_point, 0, self.qmin, self.qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale.to(x.dtype), zero_point, self.qmin, self.qmax)
+
+    def quantize_bias(self, bias: torch.Tensor, input_quantizer: Optional[Quantizer]) -> torch.Tensor:
+        """The bias on the int32 grid of scale S_x S_w (Jacob et al. eq. 10-11), gradient straight through.
+
+        Modelled here so that fake quantization, the integer reference and the ONNX export add the same bias.
+        """
+        if self.calibrating or not isinstance(input_quantizer, AffineQuantizer) or input_quantizer.calibrating:
+            return bias
+        scale = (input_quantizer.qparams()[0] * self.qparams()[0]).to(bias.dtype)
+        return bias + (torch.round(bias / scale) * scale - bias).detach()
 
     def learned_values(self) -> dict[str, float]:
         if not self._observed():

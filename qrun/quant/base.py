@@ -77,6 +77,10 @@ class Quantizer(nn.Module):
         """A module applied to the layer output that quantizes the gradient flowing back (DoReFa's g_bits)."""
         return None
 
+    def quantize_bias(self, bias: torch.Tensor, input_quantizer: Optional["Quantizer"]) -> torch.Tensor:
+        """The layer bias as this weight quantizer deploys it; called after the input and weight quantizers ran."""
+        return bias
+
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the trainer before each training epoch (1-based); schedules such as freezing observers."""
 

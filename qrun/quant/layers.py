@@ -44,6 +44,12 @@ class QuantizedLayer:
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        """The bias as deployed: as is, unless the weight quantizer stores it on an integer grid (affine)."""
+        if self.bias is None or self.weight_quantizer is None:
+            return self.bias
+        return self.weight_quantizer.quantize_bias(self.bias, self.input_quantizer)
+
 
 class QuantConv2d(QuantizedLayer, nn.Conv2d):
     def __init__(self, *args, weight_quantizer: Optional[Quantizer] = None,
@@ -54,7 +60,7 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantized_input(x)
         with saving_codes(xq):
-            out = self._conv_forward(xq, self.quantized_weight(), self.bias)
+            out = self._conv_forward(xq, self.quantized_weight(), self.quantized_bias())
         return self.finish_output(out, x)
 
     @classmethod
@@ -77,7 +83,7 @@ class QuantLinear(QuantizedLayer, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xq = self.quantized_input(x)
         with saving_codes(xq):
-            out = F.linear(xq, self.quantized_weight(), self.bias)
+            out = F.linear(xq, self.quantized_weight(), self.quantized_bias())
         return self.finish_output(out, x)
 
     @classmethod
