@@ -146,6 +146,7 @@ def _dsq_chunk(g: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, grad_x: to
                lo: float, hi: float, lo_b: float, hi_a: float, delta: float, s: float, c: float,
                alpha: float, shift: int) -> list[torch.Tensor]:
     """One chunk: writes grad_x, returns its partial sums; q..pq are scratch buffers."""
+    c_t = torch.tensor(c, dtype=x.dtype, device=x.device)
     q.copy_(codes)
     if shift:
         q.add_(shift)
@@ -153,7 +154,7 @@ def _dsq_chunk(g: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, grad_x: to
     sum_gin_q = torch.dot(g_in, q)
     # d = q - r = -f + 1/2 sgn(f): its sign is the sign of f (the interval half x lies in); |f| = 1/2 - |d|.
     torch.add(q, x, alpha=-1.0 / delta, out=d).add_(lo / delta)
-    torch.abs(d, out=a).mul_(-2.0 * c).add_(c)  # a = 2 c |f|
+    torch.add(c_t, torch.abs(d, out=a), alpha=-2.0 * c, out=a)  # a = c - 2c|d| = 2 c |f|
     # With p = sigmoid(2 c |f|): |t| = 2p - 1 and 1 - t^2 = 4 p (1 - p); sigmoid is ~3x cheaper than tanh here.
     torch.sigmoid(a, out=p)
     torch.addcmul(p, p, p, value=-1.0, out=pq)  # p (1 - p)

@@ -130,13 +130,9 @@ def saving_codes(y: torch.Tensor) -> ContextManager:
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
-def round_to_grid(x: torch.Tensor, step: float, qmin: float, qmax: float) -> torch.Tensor:
-    """step * clamp(round(x / step), qmin, qmax): one allocation, the rest in place."""
-    return torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax).mul_(step)
-
-
 def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool) -> torch.Tensor:
-    """round_to_grid, attaching the integer codes to the result when `compact`."""
+    """step * clamp(round(x / step), qmin, qmax) (one allocation, the rest in place), with the integer codes
+    attached to the result when `compact`."""
     q = torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
     if not compact:
         return q.mul_(step)
