@@ -5,6 +5,11 @@ at W4A4 with quantize_input=true (xnor at W1A1 and twn at W2 for information). A
 are timed interleaved (float, dsq, uniform, ..., float, dsq, ...), so drift of a shared machine hits all alike;
 medians and ratios to the float step are printed.
 
+Clocks: the default is wall time with torch's default threads. On a machine shared with other jobs, wall time of
+a 2-thread step mostly measures scheduling (every parallel region waits for a descheduled thread), so
+`--threads 1 --clock cpu` measures process CPU time of a single-threaded step instead: it counts the work done,
+though cache contention from other jobs still adds noise (repeat, or raise --reps).
+
 Memory: on CPU there is no allocator high-water mark, so a child process measures the growth of its peak
 resident set (VmHWM, reset through /proc/self/clear_refs) during one step over the resident set before it. The
 child runs with glibc's MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB so every tensor buffer is mmapped and returned on
@@ -12,7 +17,7 @@ free: the peak then tracks live tensors (activations, gradients, temporaries), n
 setting slows allocation, which is why timing happens in the parent, with the default allocator.)
 On CUDA it uses torch.cuda.max_memory_allocated in the same process instead.
 
-    python scripts/bench_speed.py [--reps 15] [--threads N] [--device cpu|cuda] [--compile]
+    python scripts/bench_speed.py [--reps 15] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--compile]
 """
 
 from __future__ import annotations
