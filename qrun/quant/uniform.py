@@ -26,9 +26,11 @@ def unsigned_qmax(bits: int) -> int:
 
 
 def require_signed_bits(name: str, bits: int, what: str) -> None:
+    """A signed grid with zero and a positive level needs 2 bits; binary signed grids are xnor/dorefa's job."""
     if bits < 2:
-        raise QrunError(f"quantizer {name!r} needs bits >= 2 for {what} (a symmetric signed grid with zero); "
-                        f"got bits={bits}; use xnor or dorefa for binary weights")
+        hint = "; use xnor or dorefa for binary weights" if what == "weights" else ""
+        raise QrunError(f"quantizer {name!r} needs bits >= 2 for {what} (a signed grid with zero); "
+                        f"got bits={bits}{hint}")
 
 
 class RangeObserver:
