@@ -8,7 +8,7 @@ Every number comes from a real `qrun` run on the full Fashion-MNIST test set:
   export           qrun mode=export ... resume=<PTQ or QAT run>: onnxruntime int8 top-1 and integer-only top-1
 Runs whose results.json exists are skipped, so an interrupted table resumes.
 
-    .venv/bin/python scripts/int8_table.py --root runs/int8 [--fp-epochs 5 --qat-epochs 3]
+    .venv/bin/python scripts/int8_table.py --root outputs/int8 [--fp-epochs 5 --qat-epochs 3]
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def _fmt(value: object) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, default=Path("runs/int8"))
+    parser.add_argument("--root", type=Path, default=Path("outputs/int8"))
     parser.add_argument("--fp-epochs", type=int, default=5)
     parser.add_argument("--qat-epochs", type=int, default=3)
     parser.add_argument("--qat-lr", type=float, default=2e-4)
