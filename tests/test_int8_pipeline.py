@@ -70,7 +70,9 @@ def test_export_writes_qdq_onnx_that_onnxruntime_runs(runs: dict[str, Path]) -> 
     ops = [n.op_type for n in graph.node]
     # One Q/DQ per layer input plus one on each conv output (so onnxruntime forms QLinearConv groups).
     assert ops.count("QuantizeLinear") == 5 and ops.count("DequantizeLinear") >= 8
-    int8_weights = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    # Weights are stored as 8-bit codes (uint8 with zero point 128, see shift_to_unsigned), biases as int32.
+    int8_weights = [i for i in graph.initializer
+                    if i.data_type == onnx.TensorProto.UINT8 and i.name.endswith("_quantized")]
     int32_biases = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT32 and i.name.endswith("_int32")]
     assert len(int8_weights) == 3 and len(int32_biases) == 3
     assert "QuantizeLinear" not in [n.op_type for n in onnx.load(str(out / "model_fp32.onnx")).graph.node]
