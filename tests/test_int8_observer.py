@@ -11,7 +11,7 @@ from torch.ao.quantization.observer import (
 )
 
 from qrun.errors import QrunError
-from qrun.int8.integer import multiply_by_quantized_multiplier, quantize_multiplier
+from qrun.int8.integer import multiply_by_quantized_multiplier, quantize_multiplier, tflite_requantize
 from qrun.quant import build_quantizer
 from qrun.quant.affine import activation_range, asymmetric_qparams, weight_range
 
@@ -116,32 +116,27 @@ def test_bad_options_and_uncalibrated_use_are_refused() -> None:
         build_quantizer("affine", 8, "act").eval()(torch.ones(3))
 
 
-def test_fixed_point_multiplier_rounds_like_float() -> None:
-    """M0 x 2^-n requantization (Jacob et al. eq. 5-6) equals round(acc M), ties away from zero."""
+def test_fixed_point_requantization_rounds_the_exact_product_once() -> None:
+    """M0 x 2^-n requantization (Jacob et al. eq. 5-6): integers only, equal to round(acc M0 2^-n) exactly."""
     torch.manual_seed(2)
     acc = torch.randint(-2**24, 2**24, (4000,), dtype=torch.int64)
     for m in (0.7311, 0.0123, 3.5e-4, 1.75, 1.0):
-        fixed, shift = quantize_multiplier(torch.tensor(m))
+        fixed, shift = quantize_multiplier(torch.tensor(m, dtype=torch.float64))
         assert 2**30 <= int(fixed) < 2**31
+        assert abs(int(fixed) * 2.0 ** (int(shift) - 31) - m) <= m * 2**-30
         got = multiply_by_quantized_multiplier(acc, fixed, shift)
-        expected = [_tflite_multiply(int(a), int(fixed), int(shift)) for a in acc[:300]]
-        assert got[:300].tolist() == expected
-        # gemmlowp rounds twice (high multiply, then shift): within one output step of the real product.
-        assert float((got.double() - acc.double() * m).abs().max()) < 1.0
+        expected = [_round_half_away(int(a) * int(fixed), 31 - int(shift)) for a in acc[:500]]
+        assert got[:500].tolist() == expected
+        # TFLite's two-rounding kernel, checked against its scalar reference, is within one step of it.
+        tflite = tflite_requantize(acc, fixed, shift)
+        assert tflite[:300].tolist() == [_tflite_multiply(int(a), int(fixed), int(shift)) for a in acc[:300]]
+        assert int((tflite - got).abs().max()) <= 1
 
 
-def _tflite_multiply(x: int, multiplier: int, shift: int) -> int:
-    """TFLite's scalar MultiplyByQuantizedMultiplier, written with Python integers as an independent reference."""
-    x = x * (1 << max(shift, 0))
-    product = x * multiplier
-    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
-    total = product + nudge
-    high = abs(total) // (1 << 31) * (1 if total >= 0 else -1)  # C++ division truncates toward zero
-    exponent = max(-shift, 0)
-    mask = (1 << exponent) - 1
-    remainder = high & mask
-    threshold = (mask >> 1) + (1 if high < 0 else 0)
-    return (high >> exponent) + (1 if remainder > threshold else 0)
+def _round_half_away(numerator: int, bits: int) -> int:
+    """numerator / 2^bits rounded to nearest, ties away from zero, with Python's exact integers."""
+    magnitude = (abs(numerator) + (1 << (bits - 1))) >> bits
+    return magnitude if numerator >= 0 else -magnitude
 
 
 def test_bias_is_rounded_to_the_int32_grid_of_input_times_weight_scale() -> None:
@@ -159,3 +154,17 @@ def test_bias_is_rounded_to_the_int32_grid_of_input_times_weight_scale() -> None
     expected = torch.nn.functional.linear(layer.input_quantizer(x), layer.weight_quantizer(layer.weight), bias)
     assert torch.allclose(layer(x), expected, atol=1e-6)
     assert not torch.allclose(bias, layer.bias)  # 4-bit scales are coarse: the rounding is visible
+
+
+def _tflite_multiply(x: int, multiplier: int, shift: int) -> int:
+    """TFLite's scalar MultiplyByQuantizedMultiplier, written with Python integers as an independent reference."""
+    x = x * (1 << max(shift, 0))
+    product = x * multiplier
+    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
+    total = product + nudge
+    high = abs(total) // (1 << 31) * (1 if total >= 0 else -1)  # C++ division truncates toward zero
+    exponent = max(-shift, 0)
+    mask = (1 << exponent) - 1
+    remainder = high & mask
+    threshold = (mask >> 1) + (1 if high < 0 else 0)
+    return (high >> exponent) + (1 if remainder > threshold else 0)

@@ -4,8 +4,8 @@ Each quantized layer computes with integer codes only: uint8/int8 inputs and wei
     acc = sum (q_x - Z_x) q_w + q_bias,   q_bias = round(b / (S_x S_w)) in int32                     (eq. 7, 10-11)
 and requantization to the next layer's input grid with a fixed-point multiplier
     q_out = Z_out + M acc,   M = S_x S_w / S_out = M0 2^-n,  M0 in [0.5, 1) held as a Q31 int32          (eq. 5-6)
-computed with gemmlowp's rounding doubling high multiply and rounding right shift, as TFLite's reference kernels
-do. ReLU is a clamp at Z_out, max pooling works on codes directly (requantization is monotonic), average pooling
+computed as one int64 product acc x M0 and one rounding right shift (TFLite's kernels round twice, see
+`tflite_requantize`; once is exact and matches fake quantization at 4 bits). ReLU is a clamp at Z_out, max pooling works on codes directly (requantization is monotonic), average pooling
 rounds the mean of codes. The last layer returns S_x S_w acc as float logits.
 
 The arithmetic is exact: convolutions of integer codes run in float64, whose 53-bit mantissa holds every int32
@@ -62,7 +62,20 @@ def rounding_divide_by_pot(x: torch.Tensor, exponent: torch.Tensor) -> torch.Ten
 
 
 def multiply_by_quantized_multiplier(acc: torch.Tensor, fixed: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """round(acc M) for M = fixed 2^(shift - 31), in integers only (TFLite MultiplyByQuantizedMultiplier)."""
+    """round(acc M) for M = fixed 2^(shift - 31), in integers only, rounded once (ties away from zero).
+
+    TFLite's MultiplyByQuantizedMultiplier rounds twice (high multiply, then shift: `tflite_requantize`), which
+    can land one step off the exact product; at 4 bits that step is 1/15 of the range and moved top-1 by
+    0.2-0.4 point. The int32 x Q31 product fits int64, so one rounding shift of 31 - shift bits is exact.
+    """
+    right = 31 - shift
+    if bool((right < 1).any()):
+        raise QrunError("requantization multiplier >= 2^30 is not supported")
+    return rounding_divide_by_pot(acc * fixed, right)
+
+
+def tflite_requantize(acc: torch.Tensor, fixed: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """TFLite/gemmlowp's two-rounding form of the same product (kept to compare against its reference kernels)."""
     left = torch.clamp(shift, min=0)
     right = torch.clamp(-shift, min=0)
     return rounding_divide_by_pot(rounding_doubling_high_mul(acc << left, fixed), right)
