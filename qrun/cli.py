@@ -41,8 +41,7 @@ def _job(cfg: DictConfig) -> Optional[dict[str, Any]]:
         log.exception("job failed")
         _record_failure(Path(HydraConfig.get().runtime.output_dir) / RESULTS_FILE, error)
         return None
-    log.info("top1 %.2f  best %.2f  (%s)", results.get("top1") or 0.0, results.get("best_top1") or 0.0,
-             results.get("output_dir"))
+    log.info("top1 %.2f  best %.2f  (%s)", results["top1"], results["best_top1"], results["output_dir"])
     return results
 
 

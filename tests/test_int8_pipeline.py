@@ -42,6 +42,7 @@ def test_ptq_8bit_loses_less_than_half_a_point(runs: dict[str, Path]) -> None:
     assert ptq["float_top1"] == _results(runs["fp"])["top1"]
     assert ptq["float_top1"] > 80.0
     assert ptq["top1"] > ptq["float_top1"] - 0.5
+    assert ptq["best_top1"] == ptq["top1"]  # the calibrated model's only evaluation
     # The calibrated checkpoint evaluates to the same top-1.
     evaluated = run_training([*DATA, "mode=evaluate", "quant=affine", "bits=8", f"resume={runs['ptq8']}"],
                              runs["ptq8"] / "eval")
@@ -77,6 +78,7 @@ def test_export_writes_qdq_onnx_that_onnxruntime_runs(runs: dict[str, Path]) -> 
     assert len(int8_weights) == 3 and len(int32_biases) == 3
     assert "QuantizeLinear" not in [n.op_type for n in onnx.load(str(out / "model_fp32.onnx")).graph.node]
     assert abs(results["onnx_int8_top1"] - results["top1"]) <= 0.3
+    assert results["best_top1"] == _results(runs["ptq8"])["best_top1"]  # carried over from the checkpoint
     assert abs(results["integer_top1"] - results["top1"]) <= 0.1
     # The float export of the calibrated model is the float network with BN folded in.
     assert abs(results["onnx_fp32_top1"] - _results(runs["fp"])["top1"]) <= 0.1

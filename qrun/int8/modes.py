@@ -52,8 +52,8 @@ def calibrate(context: Any) -> dict[str, Any]:
     for name in (checkpoint.LAST, checkpoint.BEST):
         checkpoint.atomic_save(payload_out, context.checkpoint_dir / name)
     results = trainer.base_results(context, model)
-    results.update(top1=metrics["top1"], top5=metrics["top5"], calib_batches=used, checkpoint=str(path),
-                   float_top1=float_top1, epoch=0)
+    results.update(top1=metrics["top1"], top5=metrics["top5"], best_top1=metrics["top1"], calib_batches=used,
+                   checkpoint=str(path), float_top1=float_top1, epoch=0)
     return trainer.write_results(context, results)
 
 
@@ -87,7 +87,7 @@ def export(context: Any) -> dict[str, Any]:
                    onnx_fp32_top1=fp32["top1"], integer_top1=integer_top1, integer_note=integer_note,
                    onnx_int8=str(int8_path), onnx_fp32=str(fp32_path), onnx_int8_bytes=int8_path.stat().st_size,
                    onnx_fp32_bytes=fp32_path.stat().st_size, onnx_int8_ops=count_ops(int8_path),
-                   checkpoint=str(path), epoch=payload["epoch"])
+                   checkpoint=str(path), epoch=payload["epoch"], best_top1=payload["best_top1"])
     return trainer.write_results(context, results)
 
 
