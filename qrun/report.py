@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import math
+import re
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ PLOT_TOP1_VS_BITS = "top1_vs_bits.png"
 PLOT_CURVES = "training_curves.png"
 PLOT_DSQ_ALPHA = "dsq_alpha.png"
 VAL_TOP1_TAG = "val/top1"
+# Job-name keys that are the plot's axis or the line's name already; other varying keys split lines.
+SERIES_FREE_KEYS = {"bits", "w_bits", "a_bits", "quant", "model", "dataset"}
+OVERRIDE_ITEM = re.compile(r"([A-Za-z_][\w.]*)-(.+)")  # `key-value` in a sweep job's folder name
 
 
 @dataclass
@@ -245,8 +249,24 @@ def _pyplot():
     return plt
 
 
+def top1_series(quantized: Sequence[dict[str, Any]], several_datasets: bool) -> dict[str, list[tuple[int, float]]]:
+    """(weight bits, top-1) points per line: one line per quantizer and per value of every other swept key
+    (`quant.first_last-fp`, ...), so jobs that differ in more than bits never share a line."""
+    short = short_names([str(row["job"]) for row in quantized])
+    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for row in quantized:
+        overrides = [OVERRIDE_ITEM.fullmatch(item) for item in short[str(row["job"])].split("+")]
+        others = [m.group(0) for m in overrides if m and m.group(1) not in SERIES_FREE_KEYS]
+        label = " ".join([str(row["quant"]), *others]) + ("" if row["quantize_input"] else " (W only)")
+        label += f" {row['model']}/{row['dataset']}" if several_datasets else ""
+        lines[label].append((int(row["w_bits"]), float(row["top1"])))
+    for points in lines.values():
+        points.sort()
+    return dict(sorted(lines.items()))
+
+
 def plot_top1_vs_bits(rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """Final top-1 against weight bits, one line per quantizer (and model/dataset), FP baselines dashed."""
+    """Final top-1 against weight bits, one line per quantizer (and other swept keys), FP baselines dashed."""
     finished = [r for r in rows if r["status"] == "finished" and r["top1"] is not None]
     quantized = [r for r in finished if r["quant"] != FULL_PRECISION]
     if not quantized:
@@ -254,13 +274,7 @@ def plot_top1_vs_bits(rows: Sequence[dict[str, Any]], path: Path) -> bool:
     plt = _pyplot()
     several = len({(r["model"], r["dataset"]) for r in finished}) > 1
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for row in quantized:
-        label = str(row["quant"]) + ("" if row["quantize_input"] else " (W only)")
-        label += f" {row['model']}/{row['dataset']}" if several else ""
-        lines[label].append((int(row["w_bits"]), float(row["top1"])))
-    for label, points in sorted(lines.items()):
-        points.sort()
+    for label, points in top1_series(quantized, several).items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
     for (model, dataset), value in baselines(finished).items():
         ax.axhline(value, linestyle="--", color="grey", label=f"full precision{f' {model}/{dataset}' if several else ''}")

@@ -12,7 +12,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from conftest import run_training
 from qrun.errors import QrunError
-from qrun.report import build_report, learned_alphas, main, read_scalars, short_names
+from qrun.report import build_report, learned_alphas, main, read_scalars, short_names, top1_series
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -119,6 +119,25 @@ def test_table_names_keep_only_what_varies() -> None:
     names = ["s/bits-2+epochs-2+quant-dsq", "s/bits-4+epochs-2+quant-dsq", "s/epochs-2+quant-none"]
     assert list(short_names(names).values()) == ["bits-2+quant-dsq", "bits-4+quant-dsq", "quant-none"]
     assert short_names(["epochs-2"]) == {"epochs-2": "epochs-2"}
+
+
+def test_top1_lines_split_on_every_swept_key_but_bits() -> None:
+    def row(job: str, quant: str, bits: int, top1: float) -> dict:
+        return {"job": f"grid/{job}", "quant": quant, "w_bits": bits, "top1": top1, "quantize_input": True,
+                "model": "cnn_bn", "dataset": "fashion_mnist"}
+
+    rows = [row("bits-2+quant.first_last-fp+quant-dsq+quantize_input-True", "dsq", 2, 91.9),
+            row("bits-4+quant.first_last-fp+quant-dsq+quantize_input-True", "dsq", 4, 92.1),
+            row("bits-2+quant.first_last-quantize+quant-dsq+quantize_input-True", "dsq", 2, 88.3),
+            row("bits-4+quant.first_last-quantize+quant-dsq+quantize_input-True", "dsq", 4, 91.0),
+            row("bits-4+quant.first_last-fp+quant-lsq+quantize_input-True", "lsq", 4, 92.5)]
+    assert top1_series(rows, several_datasets=False) == {
+        "dsq quant.first_last-fp": [(2, 91.9), (4, 92.1)],
+        "dsq quant.first_last-quantize": [(2, 88.3), (4, 91.0)],
+        "lsq quant.first_last-fp": [(4, 92.5)]}
+    # Runs outside a sweep (timestamped folders) share one line per quantizer.
+    plain = [row("2026-11-22/10-00-00", "lsq", 2, 90.0), row("2026-11-22/11-00-00", "lsq", 4, 91.0)]
+    assert top1_series(plain, several_datasets=False) == {"lsq": [(2, 90.0), (4, 91.0)]}
 
 
 def test_report_cli_refuses_a_folder_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
