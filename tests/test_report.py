@@ -135,6 +135,10 @@ def test_top1_lines_split_on_every_swept_key_but_bits() -> None:
         "dsq quant.first_last-fp": [(2, 91.9), (4, 92.1)],
         "dsq quant.first_last-quantize": [(2, 88.3), (4, 91.0)],
         "lsq quant.first_last-fp": [(4, 92.5)]}
+    # A swept quantize_input is already told by the "(W only)" suffix.
+    weights_only = {**row("bits-4+quant-lsq+quantize_input-False", "lsq", 4, 92.0), "quantize_input": False}
+    assert top1_series([weights_only, row("bits-4+quant-lsq+quantize_input-True", "lsq", 4, 91.5)],
+                       several_datasets=False) == {"lsq": [(4, 91.5)], "lsq (W only)": [(4, 92.0)]}
     # Runs outside a sweep (timestamped folders) share one line per quantizer.
     plain = [row("2026-11-22/10-00-00", "lsq", 2, 90.0), row("2026-11-22/11-00-00", "lsq", 4, 91.0)]
     assert top1_series(plain, several_datasets=False) == {"lsq": [(2, 90.0), (4, 91.0)]}
