@@ -31,8 +31,9 @@ PLOT_TOP1_VS_BITS = "top1_vs_bits.png"
 PLOT_CURVES = "training_curves.png"
 PLOT_DSQ_ALPHA = "dsq_alpha.png"
 VAL_TOP1_TAG = "val/top1"
-# Job-name keys that are the plot's axis or the line's name already; other varying keys split lines.
-SERIES_FREE_KEYS = {"bits", "w_bits", "a_bits", "quant", "model", "dataset", "quantize_input"}  # "(W only)" tells
+# Job-name keys that the top-1 plot's axis or line label already shows (quantize_input as "(W only)"); any
+# other key that varies between jobs splits lines.
+SERIES_FREE_KEYS = {"bits", "w_bits", "a_bits", "quant", "model", "dataset", "quantize_input"}
 OVERRIDE_ITEM = re.compile(r"([A-Za-z_][\w.]*)-(.+)")  # `key-value` in a sweep job's folder name
 
 

@@ -5,8 +5,8 @@ Each quantized layer computes with integer codes only: uint8/int8 inputs and wei
 and requantization to the next layer's input grid with a fixed-point multiplier
     q_out = Z_out + M acc,   M = S_x S_w / S_out = M0 2^-n,  M0 in [0.5, 1) held as a Q31 int32          (eq. 5-6)
 computed as one int64 product acc x M0 and one rounding right shift (TFLite's kernels round twice, see
-`tflite_requantize`; once is exact and matches fake quantization at 4 bits). ReLU is a clamp at Z_out, max pooling works on codes directly (requantization is monotonic), average pooling
-rounds the mean of codes. The last layer returns S_x S_w acc as float logits.
+`tflite_requantize`; once is exact and matches fake quantization at 4 bits). ReLU is a clamp at Z_out, max
+pooling works on codes directly (requantization is monotonic), average pooling rounds the mean of codes. The last layer returns S_x S_w acc as float logits.
 
 The arithmetic is exact: convolutions of integer codes run in float64, whose 53-bit mantissa holds every int32
 sum exactly, and everything after them is int64 tensor arithmetic. Supported networks are chains of quantized
