@@ -36,6 +36,9 @@ class Quantizer(nn.Module):
         # A buffer, so a checkpoint remembers that data-dependent values were already set.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._ready = False  # host-side cache of `initialized`, so the hot path does not read the buffer
+        # True when this quantizer's output feeds only its layer's conv/linear (set by QuantizedLayer): the output
+        # gradient is then a fresh tensor nobody else holds, and backward may overwrite it instead of allocating.
+        self.grad_in_place = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:

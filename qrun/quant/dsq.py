@@ -20,11 +20,13 @@ Because Q(x) = l + Delta F(r): dQ/dl + dQ/du = 1 - dQ/dx, so the l gradient is a
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.autograd import Function
 
+from qrun.quant import kernels
 from qrun.quant.base import Quantizer, register_quantizer
 from qrun.quant.ste import Codes, above, affine_levels, below, encode, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
@@ -67,29 +69,74 @@ def dsq_soft(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha: t
 class _DSQFunction(Function):
     """Hard DSQ forward; backward through phi (see the module docstring).
 
-    Saves x (which the preceding ReLU keeps anyway) and the integer levels q (1 byte per element); r, f and t
-    are recomputed in backward. The same codes let the next conv save q instead of the float output.
+    Saves x only (the preceding ReLU keeps it anyway): q, r, f and t are recomputed in backward. With `compact`
+    the output carries its level codes so the next conv saves q (1 byte per element) instead of the float output.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha: torch.Tensor,
-                levels: int, compact: bool):
+                levels: int, compact: bool, grad_in_place: bool):
         lo, hi, a = scalar(lower), scalar(upper), scalar(alpha)
+        ctx.save_for_backward(x)
+        ctx.constants = (lo, hi, a, levels, grad_in_place)
+        if levels <= 255 and kernels.usable(x) is not None:
+            return dsq_forward_fused(x, lo, hi, levels, compact)
         delta = (hi - lo) / levels
         q = dsq_levels(x, lo, hi, levels)
-        packed, shift = encode(q, 0, levels)
-        codes = Codes(packed, delta, lo, x.dtype, shift)
-        y = affine_levels(q, delta, lo)  # decode(codes) repeats exactly this operation
-        ctx.save_for_backward(x, packed)
-        ctx.constants = (lo, hi, a, levels, shift)
-        return y, (codes if compact else None)
+        codes = None
+        if compact:
+            packed, shift = encode(q, 0, levels)
+            codes = Codes(packed, delta, lo, x.dtype, shift)
+        return affine_levels(q, delta, lo), codes  # decode(codes) repeats exactly this operation
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _codes_grad: object):
-        x, codes = ctx.saved_tensors
-        lo, hi, alpha, levels, shift = ctx.constants
-        grad_x, grad_lower, grad_upper, grad_alpha = dsq_backward(grad, x, codes, lo, hi, alpha, levels, shift)
-        return grad_x, grad_lower, grad_upper, grad_alpha, None, None
+        (x,) = ctx.saved_tensors
+        lo, hi, alpha, levels, in_place = ctx.constants
+        grads = dsq_backward_fused(grad, x, lo, hi, alpha, levels, in_place) if levels <= 255 else None
+        if grads is None:
+            grads = dsq_backward(grad, x, dsq_levels(x, lo, hi, levels), lo, hi, alpha, levels)
+        return *grads, None, None, None
+
+
+def dsq_forward_fused(x: torch.Tensor, lo: float, hi: float, levels: int,
+                      compact: bool) -> tuple[torch.Tensor, Optional[Codes]]:
+    """kernels.c's one-pass forward: the same levels as `dsq_levels`, and y = l + Delta q."""
+    delta = (hi - lo) / levels
+    shift = 0 if levels <= 127 else 128
+    y = torch.empty_like(x)
+    codes = torch.empty_like(x, dtype=torch.int8) if compact else None
+    kernels.library().qrun_dsq_forward(x.data_ptr(), y.data_ptr(), codes.data_ptr() if compact else None,
+                                       x.numel(), 1.0 / delta, 0.5 - lo / delta, levels, delta, lo, shift,
+                                       kernels.threads(x.numel()))
+    return y, (Codes(codes, delta, lo, x.dtype, shift, fused=True) if compact else None)
+
+
+def dsq_backward_fused(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float, alpha: float, levels: int,
+                       in_place: bool) -> Optional[tuple[torch.Tensor, ...]]:
+    """`dsq_backward` as one kernels.c pass (levels recomputed from x), or None when it cannot take the tensors."""
+    lib = kernels.usable(x, grad)
+    if lib is None:
+        return None
+    delta = (hi - lo) / levels
+    s = 1.0 / (1.0 - alpha)
+    c = math.log(2.0 / alpha - 1.0)
+    grad_x = grad if in_place else torch.empty_like(grad)
+    sums = kernels.Sums(6)
+    lib.qrun_dsq_backward(grad.data_ptr(), x.data_ptr(), grad_x.data_ptr(), x.numel(), below(lo, x.dtype),
+                          above(hi, x.dtype), hi, 1.0 / delta, 0.5 - lo / delta, levels, lo / delta, c, 2.0 * s * c,
+                          s * s, -4.0 * s / (c * alpha * (2.0 - alpha)), sums.address, kernels.threads(x.numel()))
+    return (grad_x, *(grad.new_tensor(value) for value in range_gradients([sums[i] for i in range(6)], lo, delta,
+                                                                          levels)))
+
+
+def range_gradients(totals, lo: float, delta: float, levels: int) -> tuple:
+    """(dL/dl, dL/du, dL/dalpha) from the backward's six sums (floats or 0-d tensors alike)."""
+    sum_g, sum_above_u, sum_gin_q, sum_gx, sum_gx_x, signed_h = totals
+    # u: sum_{x > u} g + (1/n) sum_in g (q - D r), with r = (x - l)/Delta.
+    grad_upper = sum_above_u + (sum_gin_q - (sum_gx_x - lo * sum_gx) / delta) / levels
+    grad_lower = sum_g - sum_gx - grad_upper
+    return grad_lower, grad_upper, signed_h * (delta / 2.0)
 
 
 # Backward works through the tensor in chunks: its ~20 elementwise passes then stay in cache instead of streaming
@@ -113,7 +160,9 @@ def _same_layout(*tensors: torch.Tensor) -> bool:
 
 def dsq_backward(grad: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lo: float, hi: float, alpha: float,
                  levels: int, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the level codes (q = codes + shift)."""
+    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the levels q (float, or integer codes with q = codes + shift).
+
+    The eager path (GPU, float64, odd layouts); `dsq_backward_fused` computes the same in one pass on CPU."""
     delta = (hi - lo) / levels
     s = 1.0 / (1.0 - alpha)
     c = math.log(2.0 / alpha - 1.0)
@@ -132,11 +181,7 @@ def dsq_backward(grad: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lo: f
         sums.extend(_dsq_chunk(g_c, x_c, codes_flat[start:start + n], gx, q[:n], g_in[:n], d[:n], a[:n], p[:n],
                                pq[:n], lo, hi, lo_b, hi_a, delta, s, c, alpha, shift))
     totals = torch.stack(sums).view(-1, 6).double().sum(0)
-    sum_g, sum_above_u, sum_gin_q, sum_gx, sum_gx_x, signed_h = totals.unbind()
-    grad_alpha = signed_h * (delta / 2.0)
-    # u: sum_{x > u} g + (1/n) sum_in g (q - D r), with r = (x - l)/Delta.
-    grad_upper = sum_above_u + (sum_gin_q - (sum_gx_x - lo * sum_gx) / delta) / levels
-    grad_lower = sum_g - sum_gx - grad_upper
+    grad_lower, grad_upper, grad_alpha = range_gradients(totals.unbind(), lo, delta, levels)
     dtype = grad.dtype
     return grad_x, grad_lower.to(dtype), grad_upper.to(dtype), grad_alpha.to(dtype)
 
@@ -208,7 +253,8 @@ class DSQQuantizer(Quantizer):
         if self.training:
             self._project()
         compact = self.kind == "act" and torch.is_grad_enabled()
-        return with_codes(*_DSQFunction.apply(x, self.lower, self.upper, self.alpha, self.levels, compact))
+        return with_codes(*_DSQFunction.apply(x, self.lower, self.upper, self.alpha, self.levels, compact,
+                                              self.grad_in_place))
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha), "lower": scalar(self.lower), "upper": scalar(self.upper)}

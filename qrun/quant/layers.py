@@ -29,6 +29,8 @@ class QuantizedLayer:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
         self.grad_quantizer = grad_quantizer
+        if input_quantizer is not None:
+            input_quantizer.grad_in_place = True  # its output goes to this layer's conv/linear and nowhere else
 
     def finish_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Output-side hooks: XNOR-Net's input scaling K, then the gradient quantizer; identity when unused."""

@@ -17,37 +17,45 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.quant.base import Quantizer, register_quantizer
-from qrun.quant.ste import CODES_ATTR, dot, grid_codes, levels_of, pass_inside, scalar, with_codes
+from qrun.quant.ste import (
+    CODES_ATTR, GRID_LSQ, above, below, dot, grid_backward, grid_codes, pass_inside, scalar, with_codes,
+)
 from qrun.quant.uniform import RangeObserver, require_signed_bits
 
 MIN_STEP = 1e-8  # the step is kept > 0 by projection after each update
 
 
 class _LSQFunction(Function):
-    """Saves x (kept alive by the preceding ReLU anyway) and the integer levels (1 byte per element)."""
+    """Saves x only (kept alive by the preceding ReLU anyway): backward recomputes the levels from it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float, compact: bool):
+    def forward(ctx, x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float, compact: bool,
+                grad_in_place: bool):
         s = scalar(step)
-        y = grid_codes(x, s, -qn, qp, compact=True)
-        codes = getattr(y, CODES_ATTR)
-        ctx.save_for_backward(x, codes.codes)
-        ctx.constants = (s, qn, qp, grad_scale, codes.shift)
-        return y, (codes if compact else None)
+        y = grid_codes(x, s, -qn, qp, compact)
+        ctx.save_for_backward(x)
+        ctx.constants = (s, qn, qp, grad_scale, grad_in_place)
+        return y, getattr(y, CODES_ATTR, None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _codes_grad: object):
-        x, codes = ctx.saved_tensors
-        s, qn, qp, grad_scale, shift = ctx.constants
+        (x,) = ctx.saved_tensors
+        s, qn, qp, grad_scale, in_place = ctx.constants
+        lo, hi = below(-qn * s, x.dtype), above(qp * s, x.dtype)
+        # sum g (clip(round(v/s)) - v/s [inside]) = <g, q> - <g_inside, x> / s: two sums, no mask.
+        fused = grid_backward(grad, x, lo, hi, in_place, GRID_LSQ, 1.0 / s, -qn, qp)
+        if fused is not None:
+            grad_x, g_dot_q, gx_dot_x = fused
+            return grad_x, grad.new_tensor((g_dot_q - gx_dot_x / s) * grad_scale), None, None, None, None, None
         grad_x = pass_inside(grad, x, -qn * s, qp * s)
-        # sum g (clip(round(v/s)) - v/s [inside]) = <g, q> - <g_inside, x> / s: two dot products, no mask.
-        grad_step = (dot(grad, levels_of(codes, shift, grad.dtype)) - dot(grad_x, x) / s) * grad_scale
-        return grad_x, grad_step.reshape(()), None, None, None, None
+        levels = torch.mul(x, 1.0 / s).round_().clamp_(-qn, qp)  # the forward's levels, same float operations
+        grad_step = (dot(grad, levels) - dot(grad_x, x) / s) * grad_scale
+        return grad_x, grad_step.reshape(()), None, None, None, None, None
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_scale: float,
-                 compact: bool = False) -> torch.Tensor:
-    return with_codes(*_LSQFunction.apply(x, step, qn, qp, grad_scale, compact))
+                 compact: bool = False, grad_in_place: bool = False) -> torch.Tensor:
+    return with_codes(*_LSQFunction.apply(x, step, qn, qp, grad_scale, compact, grad_in_place))
 
 
 @register_quantizer
@@ -91,7 +99,7 @@ class LSQQuantizer(Quantizer):
         qn, qp = self.bounds()
         features = x.numel() if self.kind == "weight" else x[0].numel()
         compact = self.kind == "act" and torch.is_grad_enabled()
-        return lsq_quantize(x, self.step, qn, qp, 1.0 / math.sqrt(features * qp), compact)
+        return lsq_quantize(x, self.step, qn, qp, 1.0 / math.sqrt(features * qp), compact, self.grad_in_place)
 
     def learned_values(self) -> dict[str, float]:
         return {"step": scalar(self.step)}

@@ -10,6 +10,7 @@ The paper's L2 penalty on alpha is left to the optimizer; qrun puts quantizer pa
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -19,7 +20,9 @@ from torch.autograd import Function
 from qrun.errors import QrunError
 from qrun.quant.base import Quantizer, register_quantizer
 from qrun.quant.dorefa import dorefa_weight
-from qrun.quant.ste import CODES_ATTR, below, grid_codes, scalar, sum_above, with_codes
+from qrun.quant.ste import (
+    CODES_ATTR, GRID_PACT, above, below, grid_backward, grid_codes, scalar, sum_above, with_codes,
+)
 from qrun.quant.uniform import RangeObserver, require_signed_bits, signed_qmax, unsigned_qmax
 
 MIN_ALPHA = 1e-6
@@ -29,30 +32,37 @@ class _PACTFunction(Function):
     """Saves x only (kept alive by the preceding ReLU anyway)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, qmax: int, signed: bool, compact: bool):
+    def forward(ctx, x: torch.Tensor, alpha: torch.Tensor, qmax: int, signed: bool, compact: bool,
+                grad_in_place: bool):
         a = scalar(alpha)
         ctx.save_for_backward(x)
-        ctx.constants = (a, signed)
+        ctx.constants = (a, signed, grad_in_place)
         y = grid_codes(x, a / qmax, -qmax if signed else 0, qmax, compact)
         return y, getattr(y, CODES_ATTR, None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _codes_grad: object):
         (x,) = ctx.saved_tensors
-        a, signed = ctx.constants
+        a, signed, in_place = ctx.constants
         lo = -a if signed else 0.0
-        # x in [lo, alpha): the upper bound is exclusive, as in eq. 3.
+        # x in [lo, alpha): the upper bound is exclusive, as in eq. 3. alpha's gradient: the sum over x >= alpha,
+        # minus (signed clip) the sum over x <= -alpha.
+        fused = grid_backward(grad, x, below(lo, x.dtype), a, in_place, GRID_PACT,
+                              above_t=below(a, x.dtype), below_t=above(-a, x.dtype) if signed else -math.inf)
+        if fused is not None:
+            grad_x, at_top, at_bottom = fused
+            return grad_x, grad.new_tensor(at_top - at_bottom), None, None, None, None
         grad_x = torch.ops.aten.hardtanh_backward(grad, x, below(lo, x.dtype), a)
-        grad_alpha = sum_above(grad, x, below(a, x.dtype))  # x >= alpha
+        grad_alpha = sum_above(grad, x, below(a, x.dtype))
         if signed:
-            grad_alpha = grad_alpha - (grad.sum() - sum_above(grad, x, -a))  # minus the sum over x <= -alpha
-        return grad_x, grad_alpha.reshape(()), None, None, None
+            grad_alpha = grad_alpha - (grad.sum() - sum_above(grad, x, -a))
+        return grad_x, grad_alpha.reshape(()), None, None, None, None
 
 
 def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool = False,
-                  compact: bool = False) -> torch.Tensor:
+                  compact: bool = False, grad_in_place: bool = False) -> torch.Tensor:
     qmax = signed_qmax(bits) if signed else unsigned_qmax(bits)
-    return with_codes(*_PACTFunction.apply(x, alpha, qmax, signed, compact))
+    return with_codes(*_PACTFunction.apply(x, alpha, qmax, signed, compact, grad_in_place))
 
 
 @register_quantizer
@@ -96,7 +106,7 @@ class PACTQuantizer(Quantizer):
         if self.training:
             with torch.no_grad():
                 self.alpha.clamp_(min=MIN_ALPHA)
-        return pact_quantize(x, self.alpha, self.bits, bool(self.signed), compact=torch.is_grad_enabled())
+        return pact_quantize(x, self.alpha, self.bits, bool(self.signed), torch.is_grad_enabled(), self.grad_in_place)
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha)} if self.kind == "act" else {}

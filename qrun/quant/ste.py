@@ -4,18 +4,22 @@ Speed matters here: activation quantizers touch every element of every layer inp
 PyTorch on CPU is fast for in-place arithmetic with Python-scalar operands and for the fused `hardtanh_backward`
 and `threshold_backward` kernels, and slow for boolean masks, `torch.where` and tensor-valued clamp bounds
 (measured: a bool mask plus `where` costs ~10x a fused backward kernel). So scalars are read with `.item()`
-(one host sync per quantizer call on GPU) and masks are expressed through those two kernels.
+(one host sync per quantizer call on GPU) and masks are expressed through those two kernels. On CPU, dense
+float32 tensors go through kernels.c instead (one pass per direction, see qrun/quant/kernels.py); the eager
+code below is the path for every other tensor and the reference the kernels are tested against.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import ContextManager, NamedTuple
+from typing import ContextManager, NamedTuple, Optional
 
 import numpy as np
 import torch
 from torch.autograd import Function
+
+from qrun.quant import kernels
 
 _hardtanh_backward = torch.ops.aten.hardtanh_backward
 _threshold_backward = torch.ops.aten.threshold_backward
@@ -81,6 +85,7 @@ class Codes(NamedTuple):
     offset: float
     dtype: torch.dtype
     shift: int = 0
+    fused: bool = False  # made by kernels.c, whose decode repeats the forward's float operations exactly
 
 
 def encode(q: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, int]:
@@ -111,7 +116,20 @@ def affine_levels(q: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
 
 
 def decode(c: Codes) -> torch.Tensor:
-    return affine_levels(levels_of(c.codes, c.shift, c.dtype), c.scale, c.offset)
+    lib = kernels.library() if c.fused else None
+    if lib is None:
+        return affine_levels(levels_of(c.codes, c.shift, c.dtype), c.scale, c.offset)
+    y = torch.empty_like(c.codes, dtype=c.dtype)
+    lib.qrun_decode(c.codes.data_ptr(), y.data_ptr(), y.numel(), c.scale, c.offset, c.shift,
+                    kernels.threads(y.numel()))
+    return y
+
+
+def int8_shift(qmin: int, qmax: int) -> Optional[int]:
+    """The shift that fits levels [qmin, qmax] into int8 codes (as `encode` stores them); None if none does."""
+    if -128 <= qmin and qmax <= 127:
+        return 0
+    return qmin + 128 if qmax - qmin <= 255 else None
 
 
 def _pack(t: torch.Tensor) -> object:
@@ -130,9 +148,26 @@ def saving_codes(y: torch.Tensor) -> ContextManager:
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
+def fused_grid(x: torch.Tensor, qmin: int, qmax: int) -> bool:
+    """Whether kernels.c runs this grid quantizer's forward and backward (dense float32 CPU input, int8 codes)."""
+    return int8_shift(qmin, qmax) is not None and kernels.usable(x) is not None
+
+
 def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool) -> torch.Tensor:
-    """step * clamp(round(x / step), qmin, qmax) (one allocation, the rest in place), with the integer codes
-    attached to the result when `compact`."""
+    """step * clamp(round(x / step), qmin, qmax), with the integer codes attached to the result when `compact`.
+
+    One fused pass when kernels.c is available; else one allocation and in-place eager ops (same values).
+    """
+    if fused_grid(x, qmin, qmax):
+        shift = int8_shift(qmin, qmax)
+        y = torch.empty_like(x)
+        codes = torch.empty_like(x, dtype=torch.int8) if compact else None
+        kernels.library().qrun_grid_forward(x.data_ptr(), y.data_ptr(), codes.data_ptr() if compact else None,
+                                            x.numel(), 1.0 / step, qmin, qmax, step, 0.0, shift,
+                                            kernels.threads(x.numel()))
+        if compact:
+            setattr(y, CODES_ATTR, Codes(codes, step, 0.0, y.dtype, shift, fused=True))
+        return y
     q = torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
     if not compact:
         return q.mul_(step)
@@ -142,20 +177,46 @@ def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool
     return y
 
 
+def grid_backward(grad: torch.Tensor, x: torch.Tensor, lo_t: float, hi_t: float, in_place: bool,
+                  rule: int = 0, inv_step: float = 1.0, qmin: float = 0.0, qmax: float = 0.0,
+                  above_t: float = math.inf, below_t: float = -math.inf) -> Optional[tuple[torch.Tensor, float, float]]:
+    """kernels.c's straight-through backward: (grad where lo_t < x < hi_t else 0, and the two sums of `rule`).
+
+    None when the kernel cannot take these tensors (the caller then runs its eager backward). `in_place` writes
+    the result over `grad`: only for a gradient nobody else holds, the input gradient of the quantized layer's
+    own conv/linear.
+    """
+    lib = kernels.usable(x, grad)
+    if lib is None:
+        return None
+    out = grad if in_place else torch.empty_like(grad)
+    sums = kernels.Sums(2)
+    lib.qrun_grid_backward(grad.data_ptr(), x.data_ptr(), out.data_ptr(), x.numel(), lo_t, hi_t, rule, inv_step,
+                           qmin, qmax, above_t, below_t, sums.address, kernels.threads(x.numel()))
+    return out, sums[0], sums[1]
+
+
+GRID_PLAIN, GRID_LSQ, GRID_PACT = 0, 1, 2  # the `rule` values of kernels.c's qrun_grid_backward
+
+
 class _GridFakeQuant(Function):
     """Fixed grid {qmin..qmax} * step; gradient 1 inside [qmin*step, qmax*step], 0 outside (clipped STE)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool):
+    def forward(ctx, x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool, grad_in_place: bool):
         ctx.save_for_backward(x)
         ctx.bounds = (qmin * step, qmax * step)
+        ctx.grad_in_place = grad_in_place
         y = grid_codes(x, step, qmin, qmax, compact)
         return y, getattr(y, CODES_ATTR, None)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _codes_grad: object):
         (x,) = ctx.saved_tensors
-        return pass_inside(grad, x, *ctx.bounds), None, None, None, None
+        lo, hi = ctx.bounds
+        fused = grid_backward(grad, x, below(lo, x.dtype), above(hi, x.dtype), ctx.grad_in_place)
+        grad_x = pass_inside(grad, x, lo, hi) if fused is None else fused[0]
+        return grad_x, None, None, None, None, None
 
 
 def with_codes(y: torch.Tensor, codes: object) -> torch.Tensor:
@@ -165,12 +226,14 @@ def with_codes(y: torch.Tensor, codes: object) -> torch.Tensor:
     return y
 
 
-def grid_fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool = False) -> torch.Tensor:
+def grid_fake_quant(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool = False,
+                    grad_in_place: bool = False) -> torch.Tensor:
     """Fake-quantize to the integer grid [qmin, qmax] times `step` with a clipped straight-through gradient.
 
     `compact`: attach integer codes so the consuming layer can save 1 byte per element (see `saving_codes`).
+    `grad_in_place`: the output's gradient is the layer's own (see `grid_backward`) and may be overwritten.
     """
-    return with_codes(*_GridFakeQuant.apply(x, step, qmin, qmax, compact))
+    return with_codes(*_GridFakeQuant.apply(x, step, qmin, qmax, compact, grad_in_place))
 
 
 class _RoundSTE(Function):

@@ -107,9 +107,9 @@ class UniformQuantizer(Quantizer):
         bound, compact = scalar(self.range), torch.is_grad_enabled()
         if bool(self.signed):
             qmax = signed_qmax(self.bits)
-            return grid_fake_quant(x, bound / qmax, -qmax, qmax, compact)
+            return grid_fake_quant(x, bound / qmax, -qmax, qmax, compact, self.grad_in_place)
         qmax = unsigned_qmax(self.bits)
-        return grid_fake_quant(x, bound / qmax, 0, qmax, compact)
+        return grid_fake_quant(x, bound / qmax, 0, qmax, compact, self.grad_in_place)
 
     def learned_values(self) -> dict[str, float]:
         return {"range": scalar(self.range)} if self.kind == "act" else {}

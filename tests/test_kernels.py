@@ -1,0 +1,136 @@
+"""The fused CPU kernels (qrun/quant/kernels.c) against the eager ops they replace, and their fallbacks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qrun.quant import QuantConv2d, build_quantizer, kernels
+from qrun.quant.ste import CODES_ATTR, decode, grid_codes
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                                    reason="no C compiler: the kernels cannot be built here")
+GRID_ACT = ["uniform", "lsq", "pact", "dorefa"]
+
+
+@pytest.fixture
+def eager(monkeypatch: pytest.MonkeyPatch):
+    """A context in which every quantizer takes its eager path."""
+    def switch_off():
+        monkeypatch.setattr(kernels, "usable", lambda *tensors: None)
+    return switch_off
+
+
+def act_quantizer(name: str, bits: int, data: torch.Tensor) -> nn.Module:
+    q = build_quantizer(name, bits, "act")
+    q.calibrating = True
+    q(data)
+    q.calibrating = False
+    q.finish_calibration()
+    return q
+
+
+@needs_compiler
+def test_kernels_build_and_share_torchs_openmp_runtime() -> None:
+    assert kernels.library() is not None
+    with open("/proc/self/maps") as maps:
+        runtimes = {line.split()[-1] for line in maps if "libgomp" in line}
+    assert len(runtimes) == 1, f"one OpenMP runtime (one thread pool), found {runtimes}"
+
+
+@needs_compiler
+@pytest.mark.parametrize("qmin, qmax", [(-7, 7), (0, 15), (0, 255), (-127, 127)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_grid_forward_and_decode_are_bit_identical_to_eager(qmin, qmax, channels_last, eager) -> None:
+    torch.manual_seed(qmax)
+    x = torch.randn(8, 5, 12, 12) * 3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    step = 4.0 / qmax
+    fused = grid_codes(x, step, qmin, qmax, compact=True)
+    codes = getattr(fused, CODES_ATTR)
+    assert codes.fused and fused.stride() == x.stride()
+    eager()
+    reference = grid_codes(x, step, qmin, qmax, compact=True)
+    assert torch.equal(fused, reference)
+    assert torch.equal(codes.codes, getattr(reference, CODES_ATTR).codes)
+    assert torch.equal(decode(codes), fused), "the saved codes rebuild the forward output exactly"
+
+
+@needs_compiler
+@pytest.mark.parametrize("name, signed", [(name, signed) for name in [*GRID_ACT, "dsq"] for signed in (False, True)
+                                          if not (signed and name == "dorefa")])  # DoReFa clips to [0, 1]
+def test_fused_quantizers_match_their_eager_path(name: str, signed: bool, eager) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(16, 8, 20, 20)
+    if not signed:
+        x = x.relu()
+    g = torch.randn_like(x)
+    results = []
+    for path in ("fused", "eager"):
+        if path == "eager":
+            eager()
+        q = act_quantizer(name, 4, x)
+        q.train()
+        xg = x.clone().requires_grad_()
+        y = q(xg)
+        y.backward(g)
+        results.append((y.detach(), xg.grad, [p.grad for p in q.parameters()]))
+    (y_f, gx_f, p_f), (y_e, gx_e, p_e) = results
+    if name == "dsq":  # l + Delta q: eager may fuse the multiply-add, kernels.c rounds twice (1 ulp)
+        assert torch.allclose(y_f, y_e, rtol=0, atol=1e-6)
+        assert torch.allclose(gx_f, gx_e, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(y_f, y_e) and torch.equal(gx_f, gx_e)
+    assert len(p_f) == len(p_e)
+    for a, b in zip(p_f, p_e):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3 * max(1.0, b.abs().item()))
+
+
+@needs_compiler
+@pytest.mark.parametrize("name", [*GRID_ACT, "dsq"])
+def test_gradient_is_overwritten_only_where_nobody_else_holds_it(name: str) -> None:
+    torch.manual_seed(2)
+    x = torch.relu(torch.randn(4, 6, 10, 10))
+    g = torch.randn_like(x)
+    kept = g.clone()
+    q = act_quantizer(name, 3, x)
+    q(x.clone().requires_grad_()).backward(g)
+    assert torch.equal(g, kept), "a standalone quantizer leaves the caller's gradient alone"
+
+    conv = nn.Conv2d(6, 5, 3, padding=1)
+    grads = []
+    for in_place in (True, False):
+        layer = QuantConv2d.from_float(conv, None, act_quantizer(name, 3, x))
+        assert layer.input_quantizer.grad_in_place
+        layer.input_quantizer.grad_in_place = in_place
+        xg = x.clone().requires_grad_()
+        layer(xg).square().sum().backward()
+        grads.append([xg.grad, layer.weight.grad, *(p.grad for p in layer.input_quantizer.parameters())])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_quantizers_work_without_the_kernels() -> None:
+    code = ("import torch; from qrun.quant import build_quantizer, kernels; assert kernels.library() is None; "
+            "x = torch.rand(2, 3, 8, 8, requires_grad=True); q = build_quantizer('dsq', 2, 'act'); "
+            "q(x).sum().backward(); assert x.grad is not None and q.alpha.grad is not None")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, kernels.ENV_SWITCH: "0"},
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_failed_build_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("QRUN_CACHE_DIR", str(tmp_path))
+    kernels.library.cache_clear()
+    try:
+        assert kernels.library() is None
+    finally:
+        kernels.library.cache_clear()
