@@ -2,8 +2,10 @@
 
 resnet20 on 32x32 inputs, batch 128, one step = forward + backward + SGD step. Full precision and each quantizer
 at W4A4 with quantize_input=true (xnor at W1A1 and twn at W2 for information). All models live in one process and
-are timed interleaved (float, dsq, uniform, ..., float, dsq, ...), so drift of a shared machine hits all alike;
-medians and ratios to the float step are printed.
+are timed interleaved: each round runs one step of every config, in an order rotated from round to round, and a
+config's ratio is the median over rounds of its step time over the float step of the same round. Pairing within
+a round cancels the drift of a shared machine (its speed here wanders by 1.5x within minutes), which a ratio of
+separate medians does not.
 
 Clocks: the default is wall time with torch's default threads. On a machine shared with other jobs, wall time of
 a 2-thread step mostly measures scheduling (every parallel region waits for a descheduled thread), so
@@ -151,11 +153,13 @@ def main() -> None:
     memory = {label: float("nan") for label in runs} if args.no_memory else measure_memory(runs, device)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(args.reps):
-        for label, step in runs.items():  # interleaved: one step of each config per round
+    labels = list(runs)
+    for round_index in range(args.reps):
+        shift = round_index % len(labels)
+        for label in labels[shift:] + labels[:shift]:  # one step of each config, order rotated per round
             _sync(device)
             start = clock()
-            step()
+            runs[label]()
             _sync(device)
             times[label].append(clock() - start)
 
@@ -164,12 +168,14 @@ def main() -> None:
     print("memory: peak growth during one step " + ("(CUDA allocator)" if device.type == "cuda"
                                                      else "(VmHWM - VmRSS, mmapped tensors)"))
     base_t, base_m = statistics.median(times["float"]), memory["float"]
-    print(f"{'config':<12}{'median ms':>11}{'time x':>9}{'target':>8}{'peak MiB':>10}{'mem x':>8}")
+    print(f"{'config':<12}{'median ms':>11}{'time x':>9}{'target':>8}{'(medians)':>10}{'peak MiB':>10}{'mem x':>8}")
     for label in runs:
-        t = statistics.median(times[label])
+        ratio = statistics.median(t / f for t, f in zip(times[label], times["float"]))
         target = f"<={TARGETS[label]:.2f}" if label in TARGETS else ""
-        print(f"{label:<12}{t * 1e3:>11.1f}{t / base_t:>9.3f}{target:>8}{memory[label] / 2**20:>10.1f}"
-              f"{memory[label] / base_m:>8.3f}")
+        median = statistics.median(times[label])
+        print(f"{label:<12}{median * 1e3:>11.1f}{ratio:>9.3f}{target:>8}{median / base_t:>10.3f}"
+              f"{memory[label] / 2**20:>10.1f}{memory[label] / base_m:>8.3f}")
+    print("time x: median over rounds of (step time / the same round's float step); (medians): ratio of the medians")
     print(f"memory target: <= {MEMORY_TARGET:.2f}x")
 
 

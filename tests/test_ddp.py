@@ -47,7 +47,6 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     # Same data order, same initial weights and quantizer steps (broadcast from rank 0), averaged gradients:
     # only floating-point summation order differs, but 16 quantized steps amplify that (a rounding that flips
     # changes a level): over seeds 0-2 the losses differed by up to 0.3% and top-1 by up to 3 of 256 samples.
-    # Summed instead of averaged gradients, or ranks sharing a shard, move them by far more.
     assert double["top1"] == pytest.approx(single["top1"], abs=1.6)  # 1.6 points: four of 256 samples
     assert double["train_loss"] == pytest.approx(single["train_loss"], rel=5e-3)
     for a, b in zip(single["history"], double["history"]):
