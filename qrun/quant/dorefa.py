@@ -39,8 +39,8 @@ def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _DoReFaWeight(Function):
-    """Eq. 9 as one autograd node: the composition of ~10 small ops cost ~1 ms per layer and step in autograd
-    bookkeeping, more than the conv it feeds. The gradient is the composition's, max path included:
+    """Eq. 9 as one autograd node instead of a graph of ~10 small-tensor ops, each with its own backward node.
+    The gradient is the composition's, max path included:
     with t = tanh(w), M = max|t| and g the output gradient (straight through the rounding),
     dL/dw = (1 - t^2) (g / M - [|t| = M] sgn(t) <g, t> / (M^2 #{|t| = M}))."""
 

@@ -160,7 +160,7 @@ def _same_layout(*tensors: torch.Tensor) -> bool:
 
 def dsq_backward(grad: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, lo: float, hi: float, alpha: float,
                  levels: int, shift: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the levels q (float, or integer codes with q = codes + shift).
+    """Gradients of Q w.r.t. x, l, u, alpha given dL/dQ and the levels q (floats, or codes with q = codes + shift).
 
     The eager path (GPU, float64, odd layouts); `dsq_backward_fused` computes the same in one pass on CPU."""
     delta = (hi - lo) / levels

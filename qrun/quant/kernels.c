@@ -4,9 +4,10 @@
  * forward) to 25 (DSQ backward) separate passes over activation-sized tensors, each allocating or streaming a
  * full temporary. Outputs may alias inputs elementwise (a gradient masked in place).
  *
- * Floating-point contract: built with -ffp-contract=off and without -ffast-math, so every expression below rounds
- * exactly like the eager op sequence it replaces (x * (1/step), round half to even, clamp, * step); the sums are
- * accumulated per block in float and across blocks in double.
+ * Floating-point contract: built with -ffp-contract=off and without -ffast-math, so the grid expressions round
+ * exactly like the eager op sequence they replace (x * (1/step), round half to even, clamp, * step; tested
+ * bit-identical); DSQ's l + Delta q may differ from eager by one ulp where eager fuses the multiply-add. The sums
+ * are accumulated per block in float and across blocks in double.
  */
 #include <math.h>
 #include <stdint.h>

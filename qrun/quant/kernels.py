@@ -28,7 +28,8 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-fPIC",
+         "-shared")
 PARALLEL_MIN = 1 << 16  # below this many elements one thread is faster than waking the pool
 ENV_SWITCH = "QRUN_KERNELS"
 
