@@ -28,7 +28,7 @@ from torch.autograd import Function
 
 from qrun.quant import kernels
 from qrun.quant.base import Quantizer, register_quantizer
-from qrun.quant.ste import Codes, above, affine_levels, below, encode, scalar, with_codes
+from qrun.quant.ste import Codes, above, affine_levels, below, encode, fused_levels, int8_shift, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
 
 ALPHA_INIT = 0.2  # section 4 of the paper
@@ -103,13 +103,8 @@ def dsq_forward_fused(x: torch.Tensor, lo: float, hi: float, levels: int,
                       compact: bool) -> tuple[torch.Tensor, Optional[Codes]]:
     """kernels.c's one-pass forward: the same levels as `dsq_levels`, and y = l + Delta q."""
     delta = (hi - lo) / levels
-    shift = 0 if levels <= 127 else 128
-    y = torch.empty_like(x)
-    codes = torch.empty_like(x, dtype=torch.int8) if compact else None
-    kernels.library().qrun_dsq_forward(x.data_ptr(), y.data_ptr(), codes.data_ptr() if compact else None,
-                                       x.numel(), 1.0 / delta, 0.5 - lo / delta, levels, delta, lo, shift,
-                                       kernels.threads(x.numel()))
-    return y, (Codes(codes, delta, lo, x.dtype, shift, fused=True) if compact else None)
+    return fused_levels(x, 1.0 / delta, 0, levels, delta, lo, int8_shift(0, levels), compact,
+                        floor_shift=0.5 - lo / delta)
 
 
 def dsq_backward_fused(grad: torch.Tensor, x: torch.Tensor, lo: float, hi: float, alpha: float, levels: int,

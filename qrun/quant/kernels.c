@@ -40,47 +40,30 @@ static inline float exp_approx(float v) {
     return p * scale;
 }
 
-/* Uniform grid: q = clamp(round(x * inv_step), qmin, qmax); y = offset + scale * q; codes = q - shift (int8). */
-void qrun_grid_forward(const float *x, float *y, int8_t *codes, int64_t n, float inv_step, float qmin, float qmax,
-                       float scale, float offset, float shift, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t end = block_end(start, n);
-        if (codes) {
-#pragma omp simd
-            for (int64_t i = start; i < end; i++) {
-                float q = clampf(nearbyintf(x[i] * inv_step), qmin, qmax);
-                codes[i] = (int8_t)(q - shift);
-                y[i] = offset + scale * q;
-            }
-        } else {
-#pragma omp simd
-            for (int64_t i = start; i < end; i++) {
-                float q = clampf(nearbyintf(x[i] * inv_step), qmin, qmax);
-                y[i] = offset + scale * q;
-            }
-        }
-    }
+/* The level of one element: round(x * inv_step) for grids, floor(x * inv_step + floor_shift) for DSQ. */
+static inline float level(float x, float inv_step, int use_floor, float floor_shift) {
+    return use_floor ? floorf(x * inv_step + floor_shift) : nearbyintf(x * inv_step);
 }
 
-/* DSQ levels: q = clamp(floor(x * inv_delta + half_shift), 0, levels); y = lower + delta * q. */
-void qrun_dsq_forward(const float *x, float *y, int8_t *codes, int64_t n, float inv_delta, float half_shift,
-                      float levels, float delta, float lower, float shift, int threads) {
+/* q = clamp(level(x), qmin, qmax); y = offset + scale * q; codes = q - shift (int8) when codes is not NULL.
+ * use_floor is loop-invariant, so the compiler unswitches it out of the vectorized loops. */
+void qrun_levels_forward(const float *x, float *y, int8_t *codes, int64_t n, float inv_step, int use_floor,
+                         float floor_shift, float qmin, float qmax, float scale, float offset, float shift,
+                         int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t end = block_end(start, n);
         if (codes) {
 #pragma omp simd
             for (int64_t i = start; i < end; i++) {
-                float q = clampf(floorf(x[i] * inv_delta + half_shift), 0.0f, levels);
+                float q = clampf(level(x[i], inv_step, use_floor, floor_shift), qmin, qmax);
                 codes[i] = (int8_t)(q - shift);
-                y[i] = lower + delta * q;
+                y[i] = offset + scale * q;
             }
         } else {
 #pragma omp simd
             for (int64_t i = start; i < end; i++) {
-                float q = clampf(floorf(x[i] * inv_delta + half_shift), 0.0f, levels);
-                y[i] = lower + delta * q;
+                y[i] = offset + scale * clampf(level(x[i], inv_step, use_floor, floor_shift), qmin, qmax);
             }
         }
     }
@@ -117,7 +100,7 @@ void qrun_grid_backward(const float *g, const float *x, float *gx, int64_t n, fl
             for (int64_t i = start; i < end; i++) {
                 float xi = x[i], gi = g[i];
                 float pass = (xi > lo_t && xi < hi_t) ? gi : 0.0f;
-                b0 += gi * clampf(nearbyintf(xi * inv_step), qmin, qmax);
+                b0 += gi * clampf(level(xi, inv_step, 0, 0.0f), qmin, qmax);
                 b1 += pass * xi;
                 gx[i] = pass;
             }
@@ -156,7 +139,7 @@ void qrun_dsq_backward(const float *g, const float *x, float *gx, int64_t n, flo
 #pragma omp simd reduction(+ : b0, b1, b2, b3, b4, b5)
         for (int64_t i = start; i < end; i++) {
             float xi = x[i], gi = g[i];
-            float q = clampf(floorf(xi * inv_delta + half_shift), 0.0f, levels);
+            float q = clampf(level(xi, inv_delta, 1, half_shift), 0.0f, levels);
             float g_in = (xi > lo_t && xi < hi_t) ? gi : 0.0f;
             float d = q - xi * inv_delta + lower_over_delta;
             float a = c - 2.0f * c * fabsf(d);

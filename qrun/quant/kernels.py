@@ -35,8 +35,7 @@ ENV_SWITCH = "QRUN_KERNELS"
 
 _f32, _i64, _int, _ptr = ctypes.c_float, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "qrun_grid_forward": (_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int),
-    "qrun_dsq_forward": (_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _int),
+    "qrun_levels_forward": (_ptr, _ptr, _ptr, _i64, _f32, _int, _f32, _f32, _f32, _f32, _f32, _f32, _int),
     "qrun_decode": (_ptr, _ptr, _i64, _f32, _f32, _f32, _int),
     "qrun_grid_backward": (_ptr, _ptr, _ptr, _i64, _f32, _f32, _int, _f32, _f32, _f32, _f32, _f32, _ptr, _int),
     "qrun_dsq_backward": (_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _f32,

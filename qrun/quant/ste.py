@@ -88,16 +88,22 @@ class Codes(NamedTuple):
     fused: bool = False  # made by kernels.c, whose decode repeats the forward's float operations exactly
 
 
+def int8_shift(qmin: int, qmax: int) -> Optional[int]:
+    """The shift that fits levels [qmin, qmax] into int8 codes (as `encode` stores them); None if none does."""
+    if -128 <= qmin and qmax <= 127:
+        return 0
+    return qmin + 128 if qmax - qmin <= 255 else None
+
+
 def encode(q: torch.Tensor, qmin: int, qmax: int) -> tuple[torch.Tensor, int]:
     """Integer codes for float-held integer levels q in [qmin, qmax], and the shift that restores q.
 
     int8 whenever 256 levels suffice: float -> int8 conversion is ~10x faster than float -> uint8 on CPU here,
     so 8-bit unsigned grids are stored shifted by -128.
     """
-    if -128 <= qmin and qmax <= 127:
-        return q.to(torch.int8), 0
-    if qmax - qmin <= 255:
-        return torch.sub(q, qmin + 128).to(torch.int8), qmin + 128
+    shift = int8_shift(qmin, qmax)
+    if shift is not None:
+        return (torch.sub(q, shift) if shift else q).to(torch.int8), shift
     dtype = torch.int16 if -(2**15) <= qmin and qmax < 2**15 else torch.int32
     return q.to(dtype), 0
 
@@ -125,13 +131,6 @@ def decode(c: Codes) -> torch.Tensor:
     return y
 
 
-def int8_shift(qmin: int, qmax: int) -> Optional[int]:
-    """The shift that fits levels [qmin, qmax] into int8 codes (as `encode` stores them); None if none does."""
-    if -128 <= qmin and qmax <= 127:
-        return 0
-    return qmin + 128 if qmax - qmin <= 255 else None
-
-
 def _pack(t: torch.Tensor) -> object:
     codes = getattr(t, CODES_ATTR, None)
     return t if codes is None else codes
@@ -148,9 +147,16 @@ def saving_codes(y: torch.Tensor) -> ContextManager:
     return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
 
 
-def fused_grid(x: torch.Tensor, qmin: int, qmax: int) -> bool:
-    """Whether kernels.c runs this grid quantizer's forward and backward (dense float32 CPU input, int8 codes)."""
-    return int8_shift(qmin, qmax) is not None and kernels.usable(x) is not None
+def fused_levels(x: torch.Tensor, inv_step: float, qmin: int, qmax: int, scale: float, offset: float, shift: int,
+                 compact: bool, floor_shift: Optional[float]) -> tuple[torch.Tensor, Optional[Codes]]:
+    """kernels.c's one-pass forward: levels q = clamp(round(x * inv_step)) (or, with `floor_shift`,
+    clamp(floor(x * inv_step + floor_shift)), DSQ's rule), y = offset + scale * q, and int8 codes when `compact`."""
+    y = torch.empty_like(x)
+    codes = torch.empty_like(x, dtype=torch.int8) if compact else None
+    kernels.library().qrun_levels_forward(x.data_ptr(), y.data_ptr(), codes.data_ptr() if compact else None,
+                                          x.numel(), inv_step, floor_shift is not None, floor_shift or 0.0, qmin,
+                                          qmax, scale, offset, shift, kernels.threads(x.numel()))
+    return y, (Codes(codes, scale, offset, x.dtype, shift, fused=True) if compact else None)
 
 
 def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool) -> torch.Tensor:
@@ -158,15 +164,11 @@ def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool
 
     One fused pass when kernels.c is available; else one allocation and in-place eager ops (same values).
     """
-    if fused_grid(x, qmin, qmax):
-        shift = int8_shift(qmin, qmax)
-        y = torch.empty_like(x)
-        codes = torch.empty_like(x, dtype=torch.int8) if compact else None
-        kernels.library().qrun_grid_forward(x.data_ptr(), y.data_ptr(), codes.data_ptr() if compact else None,
-                                            x.numel(), 1.0 / step, qmin, qmax, step, 0.0, shift,
-                                            kernels.threads(x.numel()))
-        if compact:
-            setattr(y, CODES_ATTR, Codes(codes, step, 0.0, y.dtype, shift, fused=True))
+    shift = int8_shift(qmin, qmax)
+    if shift is not None and kernels.usable(x) is not None:
+        y, codes = fused_levels(x, 1.0 / step, qmin, qmax, step, 0.0, shift, compact, floor_shift=None)
+        if codes is not None:
+            setattr(y, CODES_ATTR, codes)
         return y
     q = torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
     if not compact:
