@@ -94,6 +94,33 @@ def test_fused_quantizers_match_their_eager_path(name: str, signed: bool, eager)
 
 
 @needs_compiler
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fused_dorefa_weight_matches_its_eager_path(bits: int, eager) -> None:
+    torch.manual_seed(bits)
+    w = torch.randn(24, 16, 3, 3) * 0.3
+    w[3, 2, 1, 1] = w.abs().max()  # ties at the peak, both signs: the max path splits its gradient three ways
+    w[7, 0, 0, 2] = -w[3, 2, 1, 1]
+    g = torch.randn_like(w)
+    results = []
+    for path in ("fused", "eager"):
+        if path == "eager":
+            eager()
+        wg = w.clone().requires_grad_()
+        y = build_quantizer("dorefa", bits, "weight")(wg)
+        y.backward(g)
+        results.append((y.detach(), wg.grad))
+    (y_f, gw_f), (y_e, gw_e) = results
+    assert torch.equal(y_f, y_e)
+    assert y_f.min() == -1.0 and y_f.max() == 1.0, "both signs of the tied peak reach the outer levels"
+    at_peak = torch.tanh(w).abs() == torch.tanh(w).abs().max()
+    assert int(at_peak.sum()) == 3  # the original maximum and its two copies
+    assert torch.equal(gw_f[~at_peak], gw_e[~at_peak]), "away from the peak the gradient rounds like eager"
+    assert torch.allclose(gw_f[at_peak], gw_e[at_peak], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(gw_f[at_peak], (g / torch.tanh(w).abs().max() * (1 - torch.tanh(w) ** 2))[at_peak]), \
+        "the peak elements carry the max path's correction"
+
+
+@needs_compiler
 @pytest.mark.parametrize("name", [*GRID_ACT, "dsq"])
 def test_gradient_is_overwritten_only_where_nobody_else_holds_it(name: str) -> None:
     torch.manual_seed(2)

@@ -278,9 +278,11 @@ def test_pact_alpha_gradient_counts_clipped_elements() -> None:
     assert x.grad.tolist() == [0.0, 1.0, 2.0, 0.0, 0.0]
 
 
-def test_dorefa_weight_gradient_is_straight_through_the_rounding() -> None:
+@pytest.mark.parametrize("flip", [1.0, -1.0])  # both signs of <g, t>, which the max path's correction carries
+def test_dorefa_weight_gradient_is_straight_through_the_rounding(flip: float) -> None:
+    torch.manual_seed(3)
     w = (torch.randn(5, 3) * 0.7).requires_grad_()
-    g = torch.randn(5, 3)
+    g = torch.randn(5, 3) * flip
     build_quantizer("dorefa", 3, "weight")(w).backward(g)
     w2 = w.detach().clone().requires_grad_()
     t = torch.tanh(w2)

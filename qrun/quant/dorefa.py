@@ -18,6 +18,7 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.errors import QrunError
+from qrun.quant import kernels
 from qrun.quant.base import Quantizer, register_quantizer
 from qrun.quant.ste import grid_fake_quant, round_ste, sign
 
@@ -39,7 +40,8 @@ def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 class _DoReFaWeight(Function):
-    """Eq. 9 as one autograd node instead of a graph of ~10 small-tensor ops, each with its own backward node.
+    """Eq. 9 as one autograd node instead of a graph of ~10 small-tensor ops, each with its own backward node;
+    on dense float32 CPU weights, one kernels.c call per direction after torch.tanh.
     The gradient is the composition's, max path included:
     with t = tanh(w), M = max|t| and g the output gradient (straight through the rounding),
     dL/dw = (1 - t^2) (g / M - [|t| = M] sgn(t) <g, t> / (M^2 #{|t| = M}))."""
@@ -48,14 +50,28 @@ class _DoReFaWeight(Function):
     def forward(ctx, w: torch.Tensor, bits: int) -> torch.Tensor:
         n = 2**bits - 1
         t = torch.tanh(w)
-        peak = t.abs().max()
-        ctx.save_for_backward(t, peak)
+        ctx.save_for_backward(t)
+        lib = kernels.usable(t)
+        if lib is not None:
+            y, peak = torch.empty_like(t), kernels.Sums(1)
+            lib.qrun_dorefa_weight_forward(t.data_ptr(), y.data_ptr(), t.numel(), n, peak.address,
+                                           kernels.threads(t.numel()))
+            ctx.peak = peak[0]
+            return y
+        ctx.peak = t.abs().max()
         # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1.
-        return (t / (2.0 * peak)).add_(0.5).mul_(n).round_().div_(n).mul_(2.0).sub_(1.0)
+        return (t / (2.0 * ctx.peak)).add_(0.5).mul_(n).round_().div_(n).mul_(2.0).sub_(1.0)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        t, peak = ctx.saved_tensors
+        (t,) = ctx.saved_tensors
+        peak = ctx.peak
+        lib = None if isinstance(peak, torch.Tensor) else kernels.usable(t, grad)
+        if lib is not None:
+            grad_w = torch.empty_like(t)
+            lib.qrun_dorefa_weight_backward(grad.data_ptr(), t.data_ptr(), grad_w.data_ptr(), t.numel(), peak,
+                                            kernels.threads(t.numel()))
+            return grad_w, None
         at_peak = t.abs() == peak
         through_peak = torch.sum(grad * t) / (peak * peak * at_peak.sum())
         grad_t = (grad / peak).sub_(torch.where(at_peak, t.sign() * through_peak, 0.0))

@@ -169,3 +169,41 @@ void qrun_dsq_backward(const float *g, const float *x, float *gx, int64_t n, flo
     sums[4] = t4;
     sums[5] = t5;
 }
+
+/* DoReFa's k-bit weights (eq. 9) from t = tanh(w): peak = max|t|, then
+ * y = 2 round((t / (2 peak) + 1/2) levels) / levels - 1, rounding for rounding like the eager op sequence (tested
+ * bit-identical). Weight tensors are small: eager spends its time dispatching ~10 ops, not in the arithmetic. */
+void qrun_dorefa_weight_forward(const float *t, float *y, int64_t n, float levels, double *peak_out, int threads) {
+    float peak = 0.0f;
+    int has_nan = 0;
+    /* A compare-select max (fmaxf does not vectorize well here: 15x slower); NaN propagates as in torch.max. */
+#pragma omp parallel for simd num_threads(threads) schedule(static) reduction(max : peak) reduction(| : has_nan)
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(t[i]);
+        peak = a > peak ? a : peak;
+        has_nan |= a != a;
+    }
+    if (has_nan) peak = NAN;
+    float denom = 2.0f * peak;
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) y[i] = nearbyintf((t[i] / denom + 0.5f) * levels) / levels * 2.0f - 1.0f;
+    *peak_out = peak;
+}
+
+/* Its exact gradient, the max path included: with S = sum g t and m = #{|t| = peak},
+ * gw = (1 - t^2) (g / peak - [|t| = peak] sgn(t) S / (peak^2 m)). Away from the peak it rounds like eager. */
+void qrun_dorefa_weight_backward(const float *g, const float *t, float *gw, int64_t n, float peak, int threads) {
+    double dot = 0.0;
+    int64_t at_peak = 0;
+#pragma omp parallel for simd num_threads(threads) schedule(static) reduction(+ : dot, at_peak)
+    for (int64_t i = 0; i < n; i++) {
+        dot += (double)g[i] * t[i];
+        at_peak += fabsf(t[i]) == peak;
+    }
+    float through_peak = (float)(dot / ((double)peak * peak * (double)at_peak));
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        float correction = fabsf(t[i]) == peak ? (t[i] > 0.0f ? through_peak : -through_peak) : 0.0f;
+        gw[i] = (g[i] / peak - correction) * (1.0f - t[i] * t[i]);
+    }
+}

@@ -40,6 +40,8 @@ _SIGNATURES = {
     "qrun_grid_backward": (_ptr, _ptr, _ptr, _i64, _f32, _f32, _int, _f32, _f32, _f32, _f32, _f32, _ptr, _int),
     "qrun_dsq_backward": (_ptr, _ptr, _ptr, _i64, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _f32, _f32,
                           _f32, _ptr, _int),
+    "qrun_dorefa_weight_forward": (_ptr, _ptr, _i64, _f32, _ptr, _int),
+    "qrun_dorefa_weight_backward": (_ptr, _ptr, _ptr, _i64, _f32, _int),
 }
 
 
