@@ -7,6 +7,10 @@ config's ratio is the median over rounds of its step time over the float step of
 a round cancels the drift of a shared machine (its speed here wanders by 1.5x within minutes), which a ratio of
 separate medians does not.
 
+Rounds: a single step's ratio scatters widely on a shared machine (interquartile range about 1.05 to 1.22 for
+ratios whose median is 1.12, measured over 40 rounds here), so the median of 15 rounds still moves by about 0.04
+from run to run; the default of 40 rounds halves that. The q1-q3 column shows each config's spread.
+
 Clocks: the default is wall time with torch's default threads. On a machine shared with other jobs, wall time of
 a 2-thread step mostly measures scheduling (every parallel region waits for a descheduled thread), so
 `--threads 1 --clock cpu` measures process CPU time of a single-threaded step instead: it counts the work done,
@@ -19,7 +23,7 @@ free: the peak then tracks live tensors (activations, gradients, temporaries), n
 setting slows allocation, which is why timing happens in the parent, with the default allocator.)
 On CUDA it uses torch.cuda.max_memory_allocated in the same process instead.
 
-    python scripts/bench_speed.py [--reps 15] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--compile]
+    python scripts/bench_speed.py [--reps 40] [--threads N] [--clock wall|cpu] [--device cpu|cuda] [--compile]
 """
 
 from __future__ import annotations
@@ -118,7 +122,7 @@ def measure_memory(runs: dict, device: torch.device) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--reps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -168,14 +172,17 @@ def main() -> None:
     print("memory: peak growth during one step " + ("(CUDA allocator)" if device.type == "cuda"
                                                      else "(VmHWM - VmRSS, mmapped tensors)"))
     base_t, base_m = statistics.median(times["float"]), memory["float"]
-    print(f"{'config':<12}{'median ms':>11}{'time x':>9}{'target':>8}{'(medians)':>10}{'peak MiB':>10}{'mem x':>8}")
+    print(f"{'config':<12}{'median ms':>11}{'time x':>9}{'target':>8}{'q1-q3':>14}{'(medians)':>11}{'peak MiB':>10}"
+          f"{'mem x':>8}")
     for label in runs:
-        ratio = statistics.median(t / f for t, f in zip(times[label], times["float"]))
+        ratios = [t / f for t, f in zip(times[label], times["float"])]
+        q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
         target = f"<={TARGETS[label]:.2f}" if label in TARGETS else ""
         median = statistics.median(times[label])
-        print(f"{label:<12}{median * 1e3:>11.1f}{ratio:>9.3f}{target:>8}{median / base_t:>10.3f}"
-              f"{memory[label] / 2**20:>10.1f}{memory[label] / base_m:>8.3f}")
-    print("time x: median over rounds of (step time / the same round's float step); (medians): ratio of the medians")
+        print(f"{label:<12}{median * 1e3:>11.1f}{statistics.median(ratios):>9.3f}{target:>8}{q1:>8.3f}-{q3:<5.3f}"
+              f"{median / base_t:>11.3f}{memory[label] / 2**20:>10.1f}{memory[label] / base_m:>8.3f}")
+    print("time x: median over rounds of (step time / the same round's float step); q1-q3: quartiles of those "
+          "per-round ratios; (medians): ratio of the medians")
     print(f"memory target: <= {MEMORY_TARGET:.2f}x")
 
 
