@@ -101,6 +101,9 @@ def test_fused_dorefa_weight_matches_its_eager_path(bits: int, eager) -> None:
     w[3, 2, 1, 1] = w.abs().max()  # ties at the peak, both signs: the max path splits its gradient three ways
     w[7, 0, 0, 2] = -w[3, 2, 1, 1]
     g = torch.randn_like(w)
+    wg = w.clone().requires_grad_()  # kernel forward, then a gradient the kernel cannot take: eager backward
+    build_quantizer("dorefa", bits, "weight")(wg).backward(g.transpose(0, 1).contiguous().transpose(0, 1))
+    gw_mixed = wg.grad
     results = []
     for path in ("fused", "eager"):
         if path == "eager":
@@ -118,6 +121,7 @@ def test_fused_dorefa_weight_matches_its_eager_path(bits: int, eager) -> None:
     assert torch.allclose(gw_f[at_peak], gw_e[at_peak], rtol=1e-4, atol=1e-6)
     assert not torch.allclose(gw_f[at_peak], (g / torch.tanh(w).abs().max() * (1 - torch.tanh(w) ** 2))[at_peak]), \
         "the peak elements carry the max path's correction"
+    assert torch.allclose(gw_mixed, gw_e, rtol=1e-6, atol=1e-7)
 
 
 @needs_compiler

@@ -1,8 +1,9 @@
 /* Fused CPU kernels for the fake-quant hot paths (loaded by qrun/quant/kernels.py through ctypes).
  *
- * Each function is one OpenMP loop over a dense float32 buffer: eager PyTorch runs the same maths as 5 (grid
- * forward) to 25 (DSQ backward) separate passes over activation-sized tensors, each allocating or streaming a
- * full temporary. Outputs may alias inputs elementwise (a gradient masked in place).
+ * Each activation function is one OpenMP loop over a dense float32 buffer: eager PyTorch runs the same maths as 5
+ * (grid forward) to 25 (DSQ backward) separate passes over activation-sized tensors, each allocating or streaming a
+ * full temporary. DoReFa's weight functions take two loops (a reduction, then the map) in place of ~10 to 15
+ * dispatched ops. Outputs may alias inputs elementwise (a gradient masked in place).
  *
  * Floating-point contract: built with -ffp-contract=off and without -ffast-math, so the grid expressions round
  * exactly like the eager op sequence they replace (x * (1/step), round half to even, clamp, * step; tested
