@@ -66,6 +66,7 @@ class _DoReFaWeight(Function):
     def backward(ctx, grad: torch.Tensor):
         (t,) = ctx.saved_tensors
         peak = ctx.peak
+        # A float peak means the forward ran the kernel; a tensor peak (eager forward) keeps the eager backward.
         lib = None if isinstance(peak, torch.Tensor) else kernels.usable(t, grad)
         if lib is not None:
             grad_w = torch.empty_like(t)
