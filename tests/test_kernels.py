@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -59,6 +60,7 @@ def test_fused_grid_forward_and_decode_are_bit_identical_to_eager(qmin, qmax, ch
     eager()
     reference = grid_codes(x, step, qmin, qmax, compact=True)
     assert torch.equal(fused, reference)
+    assert torch.equal(fused.signbit(), reference.signbit()), "-0.0 where eager gives -0.0"
     assert torch.equal(codes.codes, getattr(reference, CODES_ATTR).codes)
     assert torch.equal(decode(codes), fused), "the saved codes rebuild the forward output exactly"
 
@@ -83,14 +85,44 @@ def test_fused_quantizers_match_their_eager_path(name: str, signed: bool, eager)
         y.backward(g)
         results.append((y.detach(), xg.grad, [p.grad for p in q.parameters()]))
     (y_f, gx_f, p_f), (y_e, gx_e, p_e) = results
-    if name == "dsq":  # l + Delta q: eager may fuse the multiply-add, kernels.c rounds twice (1 ulp)
-        assert torch.allclose(y_f, y_e, rtol=0, atol=1e-6)
+    assert torch.equal(y_f, y_e)
+    if name == "dsq":  # phi's derivative: kernels.c's own exp and operation order, not eager's
         assert torch.allclose(gx_f, gx_e, rtol=1e-5, atol=1e-6)
     else:
-        assert torch.equal(y_f, y_e) and torch.equal(gx_f, gx_e)
+        assert torch.equal(gx_f, gx_e)
     assert len(p_f) == len(p_e)
     for a, b in zip(p_f, p_e):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-3 * max(1.0, b.abs().item()))
+
+
+@needs_compiler
+def test_fused_dsq_levels_round_like_eager_at_level_boundaries(eager) -> None:
+    """Eager computes (x - l)/Delta + 1/2 as one add-with-alpha, a fused multiply-add on FMA CPUs: a kernel that
+    rounded twice would put ~100 of these x, each right at a level boundary, one whole level away."""
+    from qrun.quant.dsq import _DSQFunction
+    lower, upper, levels = float(np.float32(-1.7)), float(np.float32(2.3)), 255  # as the quantizer reads them
+    delta = (upper - lower) / levels
+    inv, shift = np.float32(1.0 / delta), np.float32(0.5 - lower / delta)
+    boundaries = np.float32([lower + (k + 0.5) * delta for k in range(levels)])
+    x = (boundaries.view(np.int32)[:, None] + np.arange(-50, 50, dtype=np.int32)).view(np.float32)  # 100 ulps each
+    twice = np.floor(x * inv + shift)  # float32 product, then float32 sum
+    once = np.floor((x.astype(np.float64) * np.float64(inv) + np.float64(shift)).astype(np.float32))
+    assert (twice != once).sum() > 50, "the sample holds points where one and two roundings disagree"
+    x = torch.from_numpy(x.reshape(levels * 4, 25))
+    g = torch.randn_like(x)
+    results = []
+    for path in ("fused", "eager"):
+        if path == "eager":
+            eager()
+        xg = x.clone().requires_grad_()
+        lo, hi = torch.tensor(lower, requires_grad=True), torch.tensor(upper, requires_grad=True)
+        y, _ = _DSQFunction.apply(xg, lo, hi, torch.tensor(0.2), levels, False, False)
+        y.backward(g)
+        results.append((y.detach(), xg.grad, lo.grad, hi.grad))
+    (y_f, gx_f, gl_f, gu_f), (y_e, gx_e, gl_e, gu_e) = results
+    assert torch.equal(y_f, y_e)
+    assert torch.allclose(gx_f, gx_e, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(gl_f, gl_e, rtol=1e-4) and torch.allclose(gu_f, gu_e, rtol=1e-4)
 
 
 @needs_compiler

@@ -5,9 +5,10 @@
  * full temporary. DoReFa's weight functions take two loops (a reduction, then the map) in place of ~10 to 15
  * dispatched ops. Outputs may alias inputs elementwise (a gradient masked in place).
  *
- * Floating-point contract: built with -ffp-contract=off and without -ffast-math, so the grid expressions round
- * exactly like the eager op sequence they replace (x * (1/step), round half to even, clamp, * step; tested
- * bit-identical); DSQ's l + Delta q may differ from eager by one ulp where eager fuses the multiply-add. The sums
+ * Floating-point contract: built with -ffp-contract=off and without -ffast-math, so every forward expression
+ * rounds exactly like the eager op sequence it replaces (x * (1/step), round half to even, clamp, * step), and
+ * eager's add-with-alpha (DSQ's levels and l + Delta q) is one fused multiply-add here wherever ATen's vectorized
+ * kernels make it one (see mul_add). Forward values are tested bit-identical, level boundaries included. The sums
  * are accumulated per block in float and across blocks in double.
  */
 #include <math.h>
@@ -41,9 +42,25 @@ static inline float exp_approx(float v) {
     return p * scale;
 }
 
+/* a * b + c as torch.add(c, a, alpha=b) computes it: rounded once on CPUs with FMA, where ATen's vectorized
+ * kernels use a fused multiply-add (rounding twice instead moves x right at a DSQ level boundary a whole level). */
+static inline float mul_add(float a, float b, float c) {
+#ifdef FP_FAST_FMAF
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
 /* The level of one element: round(x * inv_step) for grids, floor(x * inv_step + floor_shift) for DSQ. */
 static inline float level(float x, float inv_step, int use_floor, float floor_shift) {
-    return use_floor ? floorf(x * inv_step + floor_shift) : nearbyintf(x * inv_step);
+    return use_floor ? floorf(mul_add(x, inv_step, floor_shift)) : nearbyintf(x * inv_step);
+}
+
+/* offset + scale * q as ste.affine_levels computes it: a plain product when offset is 0 (keeping -0.0), else one
+ * add-with-alpha. */
+static inline float affine(float q, float scale, float offset) {
+    return offset == 0.0f ? scale * q : mul_add(q, scale, offset);
 }
 
 /* q = clamp(level(x), qmin, qmax); y = offset + scale * q; codes = q - shift (int8) when codes is not NULL.
@@ -59,12 +76,12 @@ void qrun_levels_forward(const float *x, float *y, int8_t *codes, int64_t n, flo
             for (int64_t i = start; i < end; i++) {
                 float q = clampf(level(x[i], inv_step, use_floor, floor_shift), qmin, qmax);
                 codes[i] = (int8_t)(q - shift);
-                y[i] = offset + scale * q;
+                y[i] = affine(q, scale, offset);
             }
         } else {
 #pragma omp simd
             for (int64_t i = start; i < end; i++) {
-                y[i] = offset + scale * clampf(level(x[i], inv_step, use_floor, floor_shift), qmin, qmax);
+                y[i] = affine(clampf(level(x[i], inv_step, use_floor, floor_shift), qmin, qmax), scale, offset);
             }
         }
     }
@@ -76,7 +93,7 @@ void qrun_decode(const int8_t *codes, float *y, int64_t n, float scale, float of
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t end = block_end(start, n);
 #pragma omp simd
-        for (int64_t i = start; i < end; i++) y[i] = offset + scale * ((float)codes[i] + shift);
+        for (int64_t i = start; i < end; i++) y[i] = affine((float)codes[i] + shift, scale, offset);
     }
 }
 
@@ -142,7 +159,7 @@ void qrun_dsq_backward(const float *g, const float *x, float *gx, int64_t n, flo
             float xi = x[i], gi = g[i];
             float q = clampf(level(xi, inv_delta, 1, half_shift), 0.0f, levels);
             float g_in = (xi > lo_t && xi < hi_t) ? gi : 0.0f;
-            float d = q - xi * inv_delta + lower_over_delta;
+            float d = mul_add(xi, -inv_delta, q) + lower_over_delta;  /* as eager: add(q, x, alpha=-1/Delta) + l/Delta */
             float a = c - 2.0f * c * fabsf(d);
             float p = 1.0f / (1.0f + exp_approx(-a));
             float pq = p - p * p;
