@@ -18,7 +18,7 @@ from torch.autograd import Function
 
 from qrun.quant.base import Quantizer, register_quantizer
 from qrun.quant.ste import (
-    CODES_ATTR, GRID_LSQ, above, below, dot, grid_backward, grid_codes, pass_inside, scalar, with_codes,
+    CODES_ATTR, GRID_LSQ, above, below, dot, grid_backward, grid_codes, grid_levels, pass_inside, scalar, with_codes,
 )
 from qrun.quant.uniform import RangeObserver, require_signed_bits
 
@@ -48,8 +48,7 @@ class _LSQFunction(Function):
             grad_x, g_dot_q, gx_dot_x = fused
             return grad_x, grad.new_tensor((g_dot_q - gx_dot_x / s) * grad_scale), None, None, None, None, None
         grad_x = pass_inside(grad, x, -qn * s, qp * s)
-        levels = torch.mul(x, 1.0 / s).round_().clamp_(-qn, qp)  # the forward's levels, same float operations
-        grad_step = (dot(grad, levels) - dot(grad_x, x) / s) * grad_scale
+        grad_step = (dot(grad, grid_levels(x, s, -qn, qp)) - dot(grad_x, x) / s) * grad_scale
         return grad_x, grad_step.reshape(()), None, None, None, None, None
 
 

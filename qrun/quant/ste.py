@@ -159,6 +159,12 @@ def fused_levels(x: torch.Tensor, inv_step: float, qmin: int, qmax: int, scale: 
     return y, (Codes(codes, scale, offset, x.dtype, shift, fused=True) if compact else None)
 
 
+def grid_levels(x: torch.Tensor, step: float, qmin: int, qmax: int) -> torch.Tensor:
+    """clamp(round(x * (1/step)), qmin, qmax) as floats in a fresh tensor: the eager levels, whose float operations
+    a backward that recomputes them must repeat exactly."""
+    return torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
+
+
 def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool) -> torch.Tensor:
     """step * clamp(round(x / step), qmin, qmax), with the integer codes attached to the result when `compact`.
 
@@ -170,7 +176,7 @@ def grid_codes(x: torch.Tensor, step: float, qmin: int, qmax: int, compact: bool
         if codes is not None:
             setattr(y, CODES_ATTR, codes)
         return y
-    q = torch.mul(x, 1.0 / step).round_().clamp_(qmin, qmax)
+    q = grid_levels(x, step, qmin, qmax)
     if not compact:
         return q.mul_(step)
     codes, shift = encode(q, qmin, qmax)
