@@ -18,6 +18,18 @@ register_configs()
 SMALL_DATA = ["dataset.train_samples=512", "dataset.val_samples=256"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` need CUDA: skipped here and in CI, run by scripts/gpu_check.sh on a GPU machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
     """The config `qrun <overrides>` would run, writing into output_dir, without progress bars."""
     with initialize_config_module(config_module="qrun.configs", version_base="1.3"):
