@@ -42,12 +42,17 @@ class DatasetConfig:
     name: str = MISSING
     root: Optional[str] = None
     train_samples: Optional[int] = None
+    # A seeded subset of the test split (the name predates val_split; it never touches the validation set).
     val_samples: Optional[int] = None
+    # Held out of the training data to choose best.pt: a count (>= 1) or a fraction (0 < f < 1); null: none,
+    # best.pt is then chosen on the test split. Carved before train_samples is drawn (qrun.data).
+    val_split: Optional[float] = None
     download: bool = False
     augment: bool = False
     # Subsets (train_samples/val_samples) are drawn with this seed, not the training seed, so runs compare fairly.
     subset_seed: int = 0
-    num_classes: int = MISSING
+    # null (ImageFolder layouts): the number of class folders found under root/train.
+    num_classes: Optional[int] = MISSING
     in_channels: int = MISSING
     image_size: int = MISSING
     mean: list[float] = field(default_factory=list)
@@ -163,6 +168,7 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.dataset[key]
         if value is not None and value < 1:
             raise QrunError(f"dataset.{key}={value} is invalid; accepted: null (all) or a positive integer")
+    _check_val_split(cfg.dataset.get("val_split"))
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise QrunError(f"label_smoothing={cfg.label_smoothing} is out of range; accepted: 0 <= value < 1")
     if cfg.optimizer.name not in OPTIMIZERS:
@@ -179,6 +185,14 @@ def _check_positive(cfg: DictConfig, keys: tuple[str, ...]) -> None:
     for key in keys:
         if cfg[key] < 1:
             raise QrunError(f"{key}={cfg[key]} is invalid; accepted: a positive integer")
+
+
+def _check_val_split(value: Optional[float]) -> None:
+    if value is None:
+        return
+    if not (0.0 < value < 1.0 or (value >= 1 and float(value).is_integer())):
+        raise QrunError(f"dataset.val_split={value} is invalid; accepted: null (none), a fraction 0 < f < 1 of the "
+                        "training data, or a whole number of samples >= 1")
 
 
 def mode_name(cfg: DictConfig) -> str:

@@ -1,11 +1,16 @@
 """Datasets and loaders: where each dataset is found, how it is transformed, and seeded subsets and order.
 
+Three splits: `train` (what the model fits), `test` (the dataset's held-out split, which every reported score
+comes from) and, with `dataset.val_split`, `val`: a fixed, seeded part of the training data that picks best.pt,
+so the model is never selected on the data it is scored on.
+
 Fashion-MNIST and MNIST are read straight from their idx files (gzipped or not) into memory: the Debian
 package `dataset-fashion-mnist` ships exactly those files, and a 60k x 28 x 28 tensor needs no loader workers.
 """
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 from dataclasses import dataclass
@@ -17,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
+from torchvision.datasets.folder import find_classes
+from torchvision.datasets.vision import StandardTransform, VisionDataset
 
 from qrun.errors import QrunError, choice_error
 
@@ -30,7 +37,8 @@ IDX_FILES = {
 @dataclass
 class DataSplits:
     train: Dataset
-    val: Dataset
+    test: Dataset
+    val: Optional[Dataset] = None  # carved from the training data (dataset.val_split); None without a split
 
 
 # ----------------------------------------------------------------------------------------------- idx (MNIST family)
@@ -105,7 +113,7 @@ def _load_idx_dataset(cfg, title: str, torchvision_name: str, default: Optional[
             raise QrunError(f"{title} not found: no {image_stem}[.gz] in {looked}; {hint}")
         augment = augmentation(cfg) if split == "train" else None
         splits[split] = InMemoryImages(read_idx(image_path), read_idx(label_path), cfg.mean, cfg.std, augment)
-    return DataSplits(splits["train"], splits["val"])
+    return DataSplits(splits["train"], test=splits["val"])
 
 
 def _fashion_mnist(cfg) -> DataSplits:
@@ -137,8 +145,42 @@ def _imagenet(cfg) -> DataSplits:
         if not (root / split).is_dir():
             raise QrunError(f"ImageNet not found: {root / split} is not a directory; dataset.root must hold "
                             "train/ and val/ in ImageFolder layout (one folder per class)")
-    return DataSplits(tv_datasets.ImageFolder(str(root / "train"), build_transform(cfg, train=True)),
-                      tv_datasets.ImageFolder(str(root / "val"), build_transform(cfg, train=False)))
+    train = tv_datasets.ImageFolder(str(root / "train"), build_transform(cfg, train=True))
+    test = tv_datasets.ImageFolder(str(root / "val"), build_transform(cfg, train=False))
+    if test.classes != train.classes:  # labels are folder positions: different folders would shift them
+        missing = sorted(set(train.classes) ^ set(test.classes))
+        raise QrunError(f"{root / 'val'} and {root / 'train'} hold different class folders ({', '.join(missing[:5])}"
+                        f"{', ...' if len(missing) > 5 else ''}); both must hold the same classes")
+    check_num_classes(cfg, len(train.classes), root / "train")
+    return DataSplits(train, test)
+
+
+# ImageFolder layouts: the class count is the number of class folders under root/train.
+FOLDER_DATASETS = ("imagenet",)
+
+
+def resolve_num_classes(cfg) -> None:
+    """Set `num_classes` (the dataset config node) from the class folders of an ImageFolder layout when it is
+    null, refuse it when it differs: the classifier head must have one output per class found."""
+    if cfg.name not in FOLDER_DATASETS:
+        return
+    folder = Path(_require_root(cfg)) / "train"
+    if not folder.is_dir():
+        raise QrunError(f"ImageNet not found: {folder} is not a directory; dataset.root must hold "
+                        "train/ and val/ in ImageFolder layout (one folder per class)")
+    try:
+        classes, _ = find_classes(str(folder))
+    except FileNotFoundError as error:  # torchvision: "Couldn't find any class folder in ..."
+        raise QrunError(f"{error}; dataset.root/train must hold one folder per class") from None
+    check_num_classes(cfg, len(classes), folder)
+
+
+def check_num_classes(cfg, found: int, folder: Path) -> None:
+    if cfg.num_classes is None:
+        cfg.num_classes = found
+    elif int(cfg.num_classes) != found:
+        raise QrunError(f"dataset.num_classes={cfg.num_classes} does not match the {found} class folders in "
+                        f"{folder}; accepted: {found} or null (taken from the folders)")
 
 
 def _fake(cfg) -> DataSplits:
@@ -149,7 +191,7 @@ def _fake(cfg) -> DataSplits:
     # A distinct offset so validation images differ from training images.
     val = tv_datasets.FakeData(size=cfg.val_samples or 128, image_size=shape, num_classes=cfg.num_classes,
                                transform=transform, random_offset=1_000_000)
-    return DataSplits(train, val)
+    return DataSplits(train, test=val)
 
 
 def _require_root(cfg) -> str:
@@ -193,12 +235,57 @@ def build_transform(cfg, train: bool) -> Callable:
 
 # --------------------------------------------------------------------------------------------------------- public
 def build_datasets(cfg) -> DataSplits:
-    """Train and validation sets for `cfg` (the `dataset` config node), cut to seeded subsets if asked."""
+    """Train, test and (with val_split) validation sets for `cfg` (the `dataset` config node), cut to seeded
+    subsets if asked."""
     if cfg.name not in DATASETS:
         raise choice_error("dataset", cfg.name, list(DATASETS))
     splits = DATASETS[cfg.name](cfg)
-    return DataSplits(_subset(splits.train, cfg.train_samples, cfg.subset_seed),
-                      _subset(splits.val, cfg.val_samples, cfg.subset_seed + 1))
+    train, val = split_validation(splits.train, cfg)
+    return DataSplits(train=train, test=_subset(splits.test, cfg.val_samples, cfg.subset_seed + 1), val=val)
+
+
+VAL_SEED_OFFSET = 2  # subset_seed draws train_samples, subset_seed + 1 val_samples (test), + 2 the validation set
+
+
+def validation_size(val_split: Optional[float], total: int) -> int:
+    """Samples held out for validation: a count as given, a fraction of `total` rounded; 0 without a split."""
+    if val_split is None:
+        return 0
+    count = round(val_split * total) if val_split < 1 else int(val_split)
+    if not 1 <= count < total:
+        raise QrunError(f"dataset.val_split={val_split} holds out {count} of the {total} training samples; "
+                        f"accepted: a fraction or count that leaves 1..{total - 1} samples for validation")
+    return count
+
+
+def split_validation(train: Dataset, cfg) -> tuple[Dataset, Optional[Dataset]]:
+    """(training subset, validation set): disjoint, both fixed by subset_seed whatever the training seed.
+
+    The validation set is carved from the whole training split first, so it stays the same when train_samples
+    changes; train_samples is then drawn from the remaining samples. Validation images are seen without
+    augmentation, like test images.
+    """
+    count = validation_size(cfg.get("val_split"), len(train))
+    if count == 0:
+        return _subset(train, cfg.train_samples, cfg.subset_seed), None
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.subset_seed + VAL_SEED_OFFSET))
+    held_out, rest = order[:count], order[count:]
+    if cfg.train_samples is not None and cfg.train_samples < len(rest):
+        rest = rest[torch.randperm(len(rest), generator=torch.Generator().manual_seed(cfg.subset_seed))
+                    [:cfg.train_samples]]
+    return (Subset(train, rest.sort().values.tolist()),
+            Subset(without_augmentation(train, cfg), held_out.sort().values.tolist()))
+
+
+def without_augmentation(dataset: Dataset, cfg) -> Dataset:
+    """The same samples (storage shared, not copied) with the evaluation transform instead of the training one."""
+    view = copy.copy(dataset)
+    if getattr(view, "augment", None) is not None:  # InMemoryImages
+        view.augment = None
+    if isinstance(view, VisionDataset) and getattr(view, "transform", None) is not None:
+        view.transform = build_transform(cfg, train=False)
+        view.transforms = StandardTransform(view.transform, view.target_transform)
+    return view
 
 
 def _subset(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:

@@ -22,7 +22,7 @@ from torch import nn
 
 from qrun import checkpoint, complexity, distributed, quant, resources
 from qrun.config import effective_bits, mode_name, validate
-from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
+from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches, resolve_num_classes
 from qrun.engine import evaluate, to_device, train_one_epoch
 from qrun.errors import QrunError
 from qrun.int8 import modes as int8_modes
@@ -53,6 +53,7 @@ class RunContext:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Validate, set up, and run the requested mode; returns what was written to results.json."""
     validate(cfg)
+    resolve_num_classes(cfg.dataset)  # ImageFolder layouts: one output per class folder found
     resources.configure_threads(cfg.threads)
     mode = mode_name(cfg)
     if mode not in MODES:
@@ -137,15 +138,19 @@ def network_parameters(model: nn.Module) -> int:
 
 def build_loaders(cfg: DictConfig, data: DataSplits, device: torch.device,
                   dist_info: distributed.DistInfo = distributed.SINGLE) -> tuple[EpochLoader, EpochLoader]:
-    """Under DDP each rank loads its shard with its share of the (global) batch sizes."""
+    """(train, test) loaders. Under DDP each rank loads its shard with its share of the (global) batch sizes."""
     pin = device.type == "cuda"
     train = EpochLoader(data.train, distributed.per_rank_batch(cfg.batch_size, dist_info), shuffle=True,
                         workers=cfg.workers, seed=cfg.seed, pin_memory=pin,
                         sampler_factory=distributed.train_sampler_factory(dist_info, epoch_seed(cfg.seed, 0)))
-    val = EpochLoader(data.val, max(1, cfg.eval_batch_size // dist_info.world_size), shuffle=False,
-                      workers=cfg.workers, seed=cfg.seed, pin_memory=pin,
-                      sampler_factory=distributed.eval_sampler_factory(dist_info))
-    return train, val
+    return train, eval_loader(cfg, data.test, device, dist_info)
+
+
+def eval_loader(cfg: DictConfig, dataset: Any, device: torch.device,
+                dist_info: distributed.DistInfo = distributed.SINGLE) -> EpochLoader:
+    return EpochLoader(dataset, max(1, cfg.eval_batch_size // dist_info.world_size), shuffle=False,
+                       workers=cfg.workers, seed=cfg.seed, pin_memory=device.type == "cuda",
+                       sampler_factory=distributed.eval_sampler_factory(dist_info))
 
 
 # ---------------------------------------------------------------------------------------------------- train mode
@@ -167,7 +172,8 @@ def train(context: RunContext) -> dict[str, Any]:
         log.info("already finished in %s (epoch %d); nothing to do", context.output_dir, finished["epoch"])
         return finished
     data = build_datasets(cfg.dataset)
-    train_loader, val_loader = build_loaders(cfg, data, context.device, context.dist)
+    train_loader, test_loader = build_loaders(cfg, data, context.device, context.dist)
+    val_loader = eval_loader(cfg, data.val, context.device, context.dist) if data.val is not None else None
     state = build_training_state(cfg, context, len(train_loader))
     resume_path = resume_checkpoint(cfg, context)
     if resume_path is not None:
@@ -183,7 +189,7 @@ def train(context: RunContext) -> dict[str, Any]:
         if used:
             log.info("initialised quantizers from %d training batches", used)
     state.model = distributed.prepare_model(state.model, context.dist, cfg.sync_bn)
-    metrics = fit(state, context, train_loader, val_loader)
+    metrics = fit(state, context, train_loader, test_loader, val_loader)
     return finish_training(state, context, metrics)
 
 
@@ -195,9 +201,13 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=[])
 
 
-def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
-        val_loader: EpochLoader) -> dict[str, float]:
-    """Epochs from the one after `state.epoch` to cfg.epochs; a checkpoint after each, so a kill costs one epoch."""
+def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, test_loader: EpochLoader,
+        val_loader: Optional[EpochLoader] = None) -> dict[str, float]:
+    """Epochs from the one after `state.epoch` to cfg.epochs; a checkpoint after each, so a kill costs one epoch.
+
+    Every epoch scores the test split and, when there is one, the validation split; best.pt and best_top1 follow
+    the validation split (the test split without one: `best_selected_on` in results.json says which).
+    """
     cfg = context.cfg
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     step_model = distributed.wrap(state.model, context.dist, context.device)
@@ -213,36 +223,59 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
                                             state.scaler, cfg.channels_last)
             train_metrics = distributed.reduce_metrics(train_metrics, len(train_loader.loader.sampler),
                                                        context.dist, averaged=("loss", "top1"))
-            val_metrics = evaluate(step_model, val_loader.epoch(epoch), context.device, progress=cfg.progress,
-                                   channels_last=cfg.channels_last)
-            val_metrics = distributed.reduce_metrics(val_metrics, val_metrics["samples"], context.dist,
-                                                     averaged=("loss", "top1", "top5"))
-            metrics = epoch_metrics(epoch, lr, train_metrics, val_metrics)
-            state.epoch, state.best_top1 = epoch, max(state.best_top1, val_metrics["top1"])
+            test_metrics = score(step_model, test_loader, epoch, context)
+            val_metrics = score(step_model, val_loader, epoch, context) if val_loader is not None else None
+            metrics = epoch_metrics(epoch, lr, train_metrics, test_metrics, val_metrics)
+            selected = metrics[selection_key(val_loader is not None)]
+            state.epoch, state.best_top1 = epoch, max(state.best_top1, selected)
             state.history.append(metrics)
             log_epoch(logger, state.model, metrics)
             if context.dist.is_main:
-                save_checkpoints(state, context, metrics, is_best=val_metrics["top1"] >= state.best_top1)
+                save_checkpoints(state, context, metrics, is_best=selected >= state.best_top1)
     finally:
         logger.close()
     return metrics
 
 
-def epoch_metrics(epoch: int, lr: float, train_metrics: dict, val_metrics: dict) -> dict[str, float]:
-    return {"epoch": epoch, "lr": lr, "train_loss": train_metrics["loss"], "train_top1": train_metrics["top1"],
-            "data_share": train_metrics["data_share"], "epoch_time_s": train_metrics["time_s"],
-            "val_loss": val_metrics["loss"], "top1": val_metrics["top1"], "top5": val_metrics["top5"]}
+def score(model: nn.Module, loader: EpochLoader, epoch: int, context: RunContext) -> dict[str, float]:
+    """Loss, top-1 and top-5 of one evaluation split, summed over the ranks."""
+    cfg = context.cfg
+    metrics = evaluate(model, loader.epoch(epoch), context.device, progress=cfg.progress,
+                       channels_last=cfg.channels_last)
+    return distributed.reduce_metrics(metrics, metrics["samples"], context.dist, averaged=("loss", "top1", "top5"))
+
+
+def selection_key(has_val: bool) -> str:
+    """The history key best.pt is chosen on: validation top-1 when a split exists, else (test) top-1."""
+    return "val_top1" if has_val else "top1"
+
+
+def epoch_metrics(epoch: int, lr: float, train_metrics: dict, test_metrics: dict,
+                  val_metrics: Optional[dict] = None) -> dict[str, float]:
+    """One history entry: `top1`/`top5`/`test_loss` are the test split, `val_*` the validation split."""
+    metrics = {"epoch": epoch, "lr": lr, "train_loss": train_metrics["loss"], "train_top1": train_metrics["top1"],
+               "data_share": train_metrics["data_share"], "epoch_time_s": train_metrics["time_s"],
+               "test_loss": test_metrics["loss"], "top1": test_metrics["top1"], "top5": test_metrics["top5"]}
+    if val_metrics is not None:
+        metrics.update(val_loss=val_metrics["loss"], val_top1=val_metrics["top1"], val_top5=val_metrics["top5"])
+    return metrics
 
 
 def log_epoch(logger: Logger, model: nn.Module, metrics: dict[str, float]) -> None:
     epoch = int(metrics["epoch"])
-    logger.scalars({"train/loss": metrics["train_loss"], "train/top1": metrics["train_top1"],
-                    "val/loss": metrics["val_loss"], "val/top1": metrics["top1"], "val/top5": metrics["top5"],
-                    "lr": metrics["lr"]}, epoch)
+    scalars = {"train/loss": metrics["train_loss"], "train/top1": metrics["train_top1"],
+               "test/loss": metrics["test_loss"], "test/top1": metrics["top1"], "test/top5": metrics["top5"],
+               "lr": metrics["lr"]}
+    val = ""
+    if "val_top1" in metrics:
+        scalars.update({"val/loss": metrics["val_loss"], "val/top1": metrics["val_top1"],
+                        "val/top5": metrics["val_top5"]})
+        val = f" | val loss {metrics['val_loss']:.4f} top1 {metrics['val_top1']:.2f}"
+    logger.scalars(scalars, epoch)
     logger.scalars(quant.learned_values(model), epoch, prefix="quant/")
-    log.info("epoch %d  train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f | lr %.2e | %.1fs (data %.0f%%)",
-             epoch, metrics["train_loss"], metrics["train_top1"], metrics["val_loss"], metrics["top1"],
-             metrics["top5"], metrics["lr"], metrics["epoch_time_s"], 100 * metrics["data_share"])
+    log.info("epoch %d  train loss %.4f top1 %.2f%s | test loss %.4f top1 %.2f top5 %.2f | lr %.2e | %.1fs "
+             "(data %.0f%%)", epoch, metrics["train_loss"], metrics["train_top1"], val, metrics["test_loss"],
+             metrics["top1"], metrics["top5"], metrics["lr"], metrics["epoch_time_s"], 100 * metrics["data_share"])
 
 
 def save_checkpoints(state: TrainingState, context: RunContext, metrics: dict[str, float], is_best: bool) -> None:
@@ -298,8 +331,20 @@ def finish_training(state: TrainingState, context: RunContext, metrics: dict[str
         log.info("learned quantizer parameters:\n%s", table)
     results = base_results(context, state.model)
     results.update(top1=metrics.get("top1"), top5=metrics.get("top5"), best_top1=state.best_top1,
-                   epoch=state.epoch, train_loss=metrics.get("train_loss"), history=state.history)
+                   epoch=state.epoch, train_loss=metrics.get("train_loss"), **split_results(state.history),
+                   history=state.history)
     return write_results(context, results)
+
+
+def split_results(history: list[dict[str, float]]) -> dict[str, Any]:
+    """Which split each number of results.json comes from, and the selected epoch's scores on both."""
+    has_val = bool(history) and "val_top1" in history[-1]
+    key = selection_key(has_val)
+    # The last epoch at the maximum: fit() overwrites best.pt on ties.
+    best = max(reversed(history), key=lambda entry: entry[key]) if history else {}
+    return {"top1_split": "test", "best_selected_on": "val" if has_val else "test", "best_epoch": best.get("epoch"),
+            "best_test_top1": best.get("top1"), "val_top1": history[-1].get("val_top1") if has_val else None,
+            "val_top5": history[-1].get("val_top5") if has_val else None}
 
 
 # ------------------------------------------------------------------------------------------------- evaluate mode

@@ -22,11 +22,11 @@ def dataset_cfg(tmp_path: Path, *overrides: str):
 
 def test_real_fashion_mnist_is_found_and_complete(tmp_path: Path, fashion_mnist_available: None) -> None:
     splits = build_datasets(dataset_cfg(tmp_path))
-    assert (len(splits.train), len(splits.val)) == (60_000, 10_000)
-    image, label = splits.val[0]
+    assert (len(splits.train), len(splits.test)) == (60_000, 10_000)
+    image, label = splits.test[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert int(label) == 9  # the first Fashion-MNIST test image is an ankle boot
-    assert torch.bincount(splits.val.labels).tolist() == [1000] * 10
+    assert torch.bincount(splits.test.labels).tolist() == [1000] * 10
 
 
 def test_subsets_are_fixed_whatever_the_training_seed(tmp_path: Path, fashion_mnist_available: None) -> None:
@@ -36,7 +36,7 @@ def test_subsets_are_fixed_whatever_the_training_seed(tmp_path: Path, fashion_mn
 
 
 def test_batched_fetch_equals_per_sample_fetch(tmp_path: Path, fashion_mnist_available: None) -> None:
-    val = build_datasets(dataset_cfg(tmp_path, "dataset.val_samples=64")).val
+    val = build_datasets(dataset_cfg(tmp_path, "dataset.val_samples=64")).test
     batch = val.__getitems__(list(range(8)))
     for index, (image, label) in enumerate(batch):
         single_image, single_label = val[index]
@@ -67,7 +67,7 @@ def test_idx_reader_and_mnist_root_layout(tmp_path: Path) -> None:
         write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(count) % 10)
     assert read_idx(raw / "t10k-labels-idx1-ubyte.gz").tolist() == [i % 10 for i in range(10)]
     splits = build_datasets(dataset_cfg(tmp_path, "dataset=mnist", f"dataset.root={tmp_path}"))
-    assert (len(splits.train), len(splits.val)) == (20, 10)
+    assert (len(splits.train), len(splits.test)) == (20, 10)
 
 
 def write_cifar10(root: Path) -> None:
@@ -85,7 +85,7 @@ def test_cifar10_torchvision_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     # The files are made here, so their checksums cannot be CIFAR's; everything else is torchvision's real path.
     monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda *args, **kwargs: True)
     splits = build_datasets(dataset_cfg(tmp_path, "dataset=cifar10", f"dataset.root={tmp_path}"))
-    assert (len(splits.train), len(splits.val)) == (20, 4)
+    assert (len(splits.train), len(splits.test)) == (20, 4)
     image, label = splits.train[0]
     assert image.shape == (3, 32, 32) and label == 0
 
@@ -97,13 +97,13 @@ def test_imagenet_image_folder_layout_and_eval_crop(tmp_path: Path) -> None:
             Image.new("RGB", (80, 60), color=(10, 200, 30)).save(tmp_path / split / cls / "0.jpg")
     splits = build_datasets(dataset_cfg(tmp_path, "dataset=imagenet", f"dataset.root={tmp_path}",
                                         "dataset.image_size=56"))
-    assert (len(splits.train), len(splits.val)) == (2, 2)
-    assert splits.val[1][0].shape == (3, 56, 56) and splits.val[1][1] == 1
+    assert (len(splits.train), len(splits.test)) == (2, 2)
+    assert splits.test[1][0].shape == (3, 56, 56) and splits.test[1][1] == 1
 
 
 def test_fake_data_has_the_configured_shape(tmp_path: Path) -> None:
     splits = build_datasets(dataset_cfg(tmp_path, "dataset=fake", "dataset.image_size=16"))
-    assert splits.train[0][0].shape == (3, 16, 16) and len(splits.val) == 128
+    assert splits.train[0][0].shape == (3, 16, 16) and len(splits.test) == 128
 
 
 @pytest.mark.parametrize("overrides, message", [

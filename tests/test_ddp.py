@@ -50,7 +50,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert double["top1"] == pytest.approx(single["top1"], abs=1.6)  # 1.6 points: four of 256 samples
     assert double["train_loss"] == pytest.approx(single["train_loss"], rel=5e-3)
     for a, b in zip(single["history"], double["history"]):
-        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=5e-3)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=5e-3)
     # Rank 0 alone writes: one event file, one checkpoint set, and no rank-1 folder.
     out = tmp_path / "ddp2"
     assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1

@@ -56,7 +56,7 @@ def test_integer_only_matches_fake_quant_within_one_step_per_layer(runs: dict[st
     model.eval()
     integer_model = to_integer(model)
     data = build_datasets(cfg.dataset)
-    images = torch.stack([data.val[i][0] for i in range(256)])
+    images = torch.stack([data.test[i][0] for i in range(256)])
     steps = layerwise_agreement(model, integer_model, images)
     assert set(steps) == {"features.0", "features.4", "classifier"}
     assert all(value <= 1.0 + 1e-3 for value in steps.values()), steps

@@ -30,8 +30,8 @@ def test_one_epoch_writes_every_output_and_learns(tmp_path: Path) -> None:
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr"} <= tags
-    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([results["top1"]])
+    assert {"train/loss", "train/top1", "test/loss", "test/top1", "test/top5", "lr"} <= tags
+    assert [e.value for e in events.Scalars("test/top1")] == pytest.approx([results["top1"]])
 
 
 def without_timings(history: list[dict]) -> list[dict]:

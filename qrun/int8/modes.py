@@ -100,7 +100,7 @@ def _evaluate(model: nn.Module, data: DataSplits, cfg: Any, context: Any) -> dic
 
 
 def _plain_batches(data: DataSplits, cfg: Any) -> Any:
-    return torch.utils.data.DataLoader(data.val, batch_size=cfg.eval_batch_size, shuffle=False)
+    return torch.utils.data.DataLoader(data.test, batch_size=cfg.eval_batch_size, shuffle=False)
 
 
 def _integer_top1(model: nn.Module, data: DataSplits, cfg: Any) -> tuple[Optional[float], str]:
