@@ -93,3 +93,34 @@ def test_quantized_cnn_bops_follow_the_layer_policy() -> None:
     measured = complexity.measure(model, SimpleNamespace(in_channels=1, image_size=28))
     middle = per_layer["features.4"]
     assert measured["bops"] == (total - middle) * 32 * 32 + middle * 4 * 4
+
+
+def test_affine_w8a8_cnn_bn_counts_its_folded_layers_at_8_bits() -> None:
+    """quant=affine folds conv+BN; the folded convs run at W8A8 like every other layer (a hand count from the
+    layer shapes: conv MACs = weight elements x output pixels, 28x28 then 14x14 after the first max-pool)."""
+    float_model = get_model("cnn_bn", num_classes=10, in_channels=1)
+    conv1, conv2, fc = float_model.features[0], float_model.features[4], float_model.classifier
+    macs = conv1.weight.numel() * 28 * 28 + conv2.weight.numel() * 14 * 14 + fc.weight.numel()
+    model = quantize_model(get_model("cnn_bn", num_classes=10, in_channels=1), "affine", w_bits=8, a_bits=8,
+                           quantize_input=True, first_last="quantize")
+    assert type(model.features[0]).__name__ == "FoldedConvBN"
+    model.train()
+    model(torch.rand(8, 1, 28, 28))  # observers see a batch: evaluation needs their ranges
+    measured = complexity.measure(model, SimpleNamespace(in_channels=1, image_size=28))
+    assert measured["macs"] == macs and measured["bops"] == macs * 8 * 8
+    assert 240e6 < measured["bops"] < 250e6  # not 3.93G: folded convs were once counted at 32 x 32 bits
+    # Deployed: 8-bit weights, one int32 bias per output channel of each folded conv and of the classifier.
+    weights = conv1.weight.numel() + conv2.weight.numel() + fc.weight.numel()
+    biases = conv1.out_channels + conv2.out_channels + fc.out_features
+    assert measured["size_bytes"] == weights * 8 // 8 + 4 * biases
+    assert measured["layer_bits"] == ["W8A8"]
+
+
+def test_layer_bits_list_every_width_a_mixed_policy_uses() -> None:
+    model = quantize_model(get_model("cnn_bn", num_classes=10, in_channels=1), "uniform", w_bits=4, a_bits=4,
+                           quantize_input=True, first_last="8bit")
+    assert complexity.bit_widths(model) == ["W8A8", "W4A4"]
+    total, per_layer = complexity.layer_macs(model, complexity.example_input(SimpleNamespace(in_channels=1,
+                                                                                             image_size=28)))
+    edge = per_layer["features.0"] + per_layer["classifier"]
+    assert complexity.bit_operations(model, total, per_layer) == edge * 8 * 8 + (total - edge) * 4 * 4
