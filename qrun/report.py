@@ -13,6 +13,7 @@ import csv
 import json
 import math
 import re
+import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,15 +26,17 @@ RESULTS_FILE = "results.json"
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"
 FULL_PRECISION = "none"
 FP_BITS = 32
-COLUMNS = ("job", "model", "dataset", "quant", "w_bits", "a_bits", "quantize_input", "top1", "top5", "best_top1",
-           "gap_top1", "params", "macs", "bops", "size_bytes", "epochs", "wall_time_s", "status", "error")
+COLUMNS = ("job", "model", "dataset", "quant", "w_bits", "a_bits", "quantize_input", "mixed_bits", "layer_bits",
+           "mode", "seed", "top1", "top5", "best_top1", "best_selected_on", "gap_top1", "baseline", "params", "macs",
+           "bops", "size_bytes", "epochs", "wall_time_s", "status", "error")
 PLOT_TOP1_VS_BITS = "top1_vs_bits.png"
 PLOT_CURVES = "training_curves.png"
 PLOT_DSQ_ALPHA = "dsq_alpha.png"
-VAL_TOP1_TAG = "val/top1"
+TEST_TOP1_TAG = "test/top1"
+LEGACY_TOP1_TAG = "val/top1"  # runs from before the validation split logged the test split under val/
 # Job-name keys that the top-1 plot's axis or line label already shows (quantize_input as "(W only)"); any
 # other key that varies between jobs splits lines.
-SERIES_FREE_KEYS = {"bits", "w_bits", "a_bits", "quant", "model", "dataset", "quantize_input"}
+SERIES_FREE_KEYS = {"bits", "w_bits", "a_bits", "quant", "model", "dataset", "quantize_input", "seed"}
 OVERRIDE_ITEM = re.compile(r"([A-Za-z_][\w.]*)-(.+)")  # `key-value` in a sweep job's folder name
 
 
@@ -106,6 +109,53 @@ def collect_jobs(root: Path) -> list[Job]:
 
 
 # ------------------------------------------------------------------------------------------------------ rows
+# What a baseline must share with a quantized run: the network, the data it saw and how it was trained. Paths
+# into the saved config; a whole node (model, optimizer, scheduler) means every key in it.
+RECIPE_KEYS: tuple[tuple[str, ...], ...] = (
+    ("model",), ("dataset", "name"), ("dataset", "train_samples"), ("dataset", "val_samples"),
+    ("dataset", "val_split"), ("dataset", "subset_seed"), ("dataset", "augment"), ("epochs",), ("batch_size",),
+    ("optimizer",), ("scheduler",), ("init_from",), ("label_smoothing",), ("amp",))
+# What else a run must share with another to be the same experiment repeated with another seed.
+QUANT_KEYS: tuple[tuple[str, ...], ...] = (("quant",),)
+
+
+def _config_value(config: dict[str, Any], path: Sequence[str]) -> Any:
+    node: Any = config
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _key(values: Any) -> str:
+    return json.dumps(values, sort_keys=True, default=str)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def job_status(job: Job) -> str:
+    """The job's own status, except that a finished job whose loss or top-1 is not a finite number diverged."""
+    status = job.status
+    loss = job.results.get("train_loss")
+    if status == "finished" and (not _finite(job.results.get("top1")) or (loss is not None and not _finite(loss))):
+        return "diverged"
+    return status
+
+
+def mixed_bits(job: Job, full_precision: bool) -> tuple[bool, list[str]]:
+    """(mixed, per-layer widths): from results.json's layer_bits, else from the saved layer policy."""
+    if full_precision:
+        return False, []
+    widths = job.results.get("layer_bits")
+    if isinstance(widths, list):
+        return len(widths) > 1, [str(w) for w in widths]
+    overrides = _config_value(job.config, ("quant", "layer_overrides"))
+    return bool(overrides) or _config_value(job.config, ("quant", "first_last")) == "8bit", []
+
+
 def job_row(job: Job) -> dict[str, Any]:
     """The report's columns for one job (raw values; formatting happens per output)."""
     quant = job.setting("quant", ("quant", "name"))
@@ -118,38 +168,139 @@ def job_row(job: Job) -> dict[str, Any]:
     configured_epochs = job.config.get("epochs")
     trained = job.results.get("epoch")
     epochs = f"{trained if trained is not None else '-'}/{configured_epochs if configured_epochs else '-'}"
-    return {"job": job.name, "model": job.setting("model", ("model", "name")),
+    mixed, layer_widths = mixed_bits(job, full_precision)
+    mode = job.setting("mode", ("mode",)) or "train"
+    # Runs from before the validation split picked best_top1 on the test split.
+    selected_on = job.results.get("best_selected_on", "test" if job.results.get("best_top1") is not None else None)
+    recipe = _key([_config_value(job.config, path) for path in RECIPE_KEYS]) if job.config else None
+    quant_identity = [quant, w_bits, a_bits, quantize_input, mode]
+    if not full_precision:
+        quant_identity += [_config_value(job.config, path) for path in QUANT_KEYS]
+    return {"job": job.name, "path": str(job.path.resolve()), "model": job.setting("model", ("model", "name")),
             "dataset": job.setting("dataset", ("dataset", "name")), "quant": quant, "w_bits": w_bits,
-            "a_bits": a_bits, "quantize_input": quantize_input, "top1": job.results.get("top1"),
-            "top5": job.results.get("top5"), "best_top1": job.results.get("best_top1"), "gap_top1": None,
-            "params": job.results.get("params"), "macs": job.results.get("macs"), "bops": job.results.get("bops"),
-            "size_bytes": job.results.get("size_bytes"), "epochs": epochs,
-            "wall_time_s": job.results.get("wall_time_s"), "status": job.status, "error": job.results.get("error")}
+            "a_bits": a_bits, "quantize_input": quantize_input, "mixed_bits": mixed,
+            "layer_bits": " ".join(layer_widths), "seed": job.setting("seed", ("seed",)), "mode": mode,
+            "top1": job.results.get("top1"), "top5": job.results.get("top5"),
+            "best_top1": job.results.get("best_top1"), "best_selected_on": selected_on, "gap_top1": None,
+            "baseline": None, "params": job.results.get("params"), "macs": job.results.get("macs"),
+            "bops": job.results.get("bops"), "size_bytes": job.results.get("size_bytes"), "epochs": epochs,
+            "wall_time_s": job.results.get("wall_time_s"), "status": job_status(job),
+            "error": job.results.get("error"), "checkpoint": job.results.get("checkpoint"), "recipe": recipe,
+            # A job without a saved config cannot be matched: it is its own experiment.
+            "experiment": _key([recipe, quant_identity]) if recipe is not None else _key(["job", job.name])}
 
 
-def baselines(rows: Iterable[dict[str, Any]]) -> dict[tuple[Any, Any], float]:
-    """Mean final top-1 of the finished full-precision jobs of each (model, dataset)."""
-    values: dict[tuple[Any, Any], list[float]] = defaultdict(list)
+def has_result(row: dict[str, Any]) -> bool:
+    """Finished with a finite top-1: the only rows that give a value or serve as a baseline."""
+    return row["status"] == "finished" and _finite(row["top1"])
+
+
+def group_by_experiment(rows: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows with a result, grouped when they differ only in seed (or in how fast they ran), in row order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["quant"] == FULL_PRECISION and row["status"] == "finished" and row["top1"] is not None:
-            values[(row["model"], row["dataset"])].append(float(row["top1"]))
-    return {key: sum(v) / len(v) for key, v in values.items()}
+        if has_result(row):
+            groups.setdefault(row["experiment"], []).append(row)
+    return list(groups.values())
+
+
+def _mean_std(values: Sequence[Any]) -> tuple[Optional[float], Optional[float]]:
+    numbers = [float(v) for v in values if _finite(v)]
+    if not numbers:
+        return None, None
+    return statistics.fmean(numbers), (statistics.stdev(numbers) if len(numbers) > 1 else None)
+
+
+def _baseline_of(group: list[dict[str, Any]], fp_groups: dict[str, list[dict[str, Any]]],
+                 by_path: dict[str, list[dict[str, Any]]]) -> tuple[Optional[list[dict[str, Any]]], str]:
+    """The full-precision group a quantized group is compared with, or why there is none."""
+    first = group[0]
+    if first["recipe"] is None:
+        return None, f"none: no {HYDRA_CONFIG} to match a recipe"
+    if first["mode"] == "calibrate" and first.get("checkpoint"):
+        # Post-training quantization: the baseline is the float run whose checkpoint was calibrated.
+        source = by_path.get(str(Path(first["checkpoint"]).resolve().parent.parent))
+        return (source, "") if source else (None, "none: the calibrated float run is not in this folder")
+    if first["mode"] != "train":
+        return None, f"none: mode={first['mode']}"
+    base = fp_groups.get(first["recipe"])
+    if base is None:
+        return None, "none: no full-precision run with the same model, data, epochs and recipe"
+    return base, ""
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One table row per experiment: mean and sample std over its seeds, gap to its own full-precision baseline.
+
+    Sets each job row's `gap_top1` and `baseline` too (for the CSV).
+    """
+    groups = group_by_experiment(rows)
+    short = short_names([row["job"] for row in rows]) if rows else {}
+    fp_groups = {g[0]["recipe"]: g for g in groups
+                 if g[0]["quant"] == FULL_PRECISION and g[0]["mode"] == "train" and g[0]["recipe"] is not None}
+    by_path = {row["path"]: group for group in groups for row in group}
+    labels = {id(group): group_label(group, short) for group in groups}
+    summary = []
+    for group in groups:
+        first = group[0]
+        top1, top1_std = _mean_std([r["top1"] for r in group])
+        entry = {key: first[key] for key in ("model", "dataset", "quant", "w_bits", "a_bits", "quantize_input",
+                                             "mixed_bits", "layer_bits", "mode", "params", "macs", "bops",
+                                             "size_bytes", "epochs", "recipe")}
+        entry.update(job=labels[id(group)], jobs=[r["job"] for r in group], n=len(group),
+                     seeds=[r["seed"] for r in group], top1=top1, top1_std=top1_std,
+                     top5=_mean_std([r["top5"] for r in group])[0],
+                     best_top1=_mean_std([r["best_top1"] for r in group])[0],
+                     best_selected_on="/".join(sorted({str(r["best_selected_on"]) for r in group})),
+                     wall_time_s=_mean_std([r["wall_time_s"] for r in group])[0], gap_top1=None)
+        if first["quant"] == FULL_PRECISION and first["mode"] == "train":
+            entry["baseline"] = "is the baseline"
+            for row in group:
+                row["baseline"] = entry["baseline"]
+        else:
+            base, reason = _baseline_of(group, fp_groups, by_path)
+            if base is None:
+                entry["baseline"] = reason
+            else:
+                base_top1 = _mean_std([r["top1"] for r in base])[0]
+                entry["baseline"] = f"`{labels[id(base)]}`" + (f" (n={len(base)})" if len(base) > 1 else "")
+                entry["gap_top1"] = top1 - base_top1
+                for row in group:
+                    row["gap_top1"] = float(row["top1"]) - base_top1
+            for row in group:
+                row["baseline"] = entry["baseline"].replace("`", "")
+        summary.append(entry)
+    # Each baseline followed by the experiments compared with it; experiments without one last.
+    return sorted(summary, key=lambda row: (row["recipe"] not in fp_groups, *_order(row)))
+
+
+def group_label(group: Sequence[dict[str, Any]], short: dict[str, str]) -> str:
+    """The jobs' common short name without their seed item (`bits-4+quant-dsq` for `bits-4+quant-dsq+seed-1`)."""
+    names = []
+    for row in group:
+        kept = [item for item in short.get(row["job"], row["job"]).split("+")
+                if not (len(group) > 1 and item.startswith("seed-"))]
+        names.append("+".join(kept) if kept else row["job"].rsplit("/", 1)[-1])
+    return names[0] if len(set(names)) == 1 else f"{names[0]} (+{len(group) - 1})"
+
+
+def _order(row: dict[str, Any]) -> tuple:
+    return (str(row["model"]), str(row["dataset"]), str(row["recipe"]), row["quant"] != FULL_PRECISION,
+            str(row["quant"]), row["w_bits"] or 0, row["a_bits"] or 0, row["quantize_input"],
+            bool(row.get("mixed_bits")), str(row["job"]))
 
 
 def build_rows(jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    """Rows with the gap to the full-precision baseline; baselines first, then by model, quantizer and bits."""
+    """One row per job, by model, dataset and recipe, baselines first, then by quantizer and bits; gap_top1 and
+    baseline come from `summarize` (a job's top-1 minus the mean top-1 of its full-precision baseline)."""
     rows = [job_row(job) for job in jobs]
-    reference = baselines(rows)
-    for row in rows:
-        base = reference.get((row["model"], row["dataset"]))
-        if base is not None and row["top1"] is not None and row["status"] == "finished":
-            row["gap_top1"] = float(row["top1"]) - base
+    summarize(rows)
+    return sorted(rows, key=_order)
 
-    def order(row: dict[str, Any]) -> tuple:
-        return (str(row["model"]), str(row["dataset"]), row["quant"] != FULL_PRECISION, str(row["quant"]),
-                row["w_bits"] or 0, row["a_bits"] or 0, row["quantize_input"], row["job"])
 
-    return sorted(rows, key=order)
+def unfinished(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed, diverged, incomplete and never-started jobs: listed apart, never a value or a baseline."""
+    return [row for row in rows if not has_result(row)]
 
 
 def short_names(names: Sequence[str]) -> dict[str, str]:
@@ -184,24 +335,49 @@ _COUNT_UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"))
 _BYTE_UNITS = ((2 ** 30, " GiB"), (2 ** 20, " MiB"), (2 ** 10, " KiB"))
 
 
-def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = ("job", "model", "dataset", "quant", "W/A bits", "quant. input", "top-1", "top-5", "best top-1",
-              "gap to FP", "params", "MACs", "BOPs", "size", "epochs", "wall time", "status")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 4 + "---:|" * 2 + "---:|" * 10 + "---|"]
+def bits_label(row: dict[str, Any]) -> str:
+    """`4/4`, or `4/4 mixed (W8A8 W4A4)` when layers run at different widths (the global bits are not the story)."""
+    bits = "/".join(str(row[key]) if row[key] is not None else "-" for key in ("w_bits", "a_bits"))
+    if not row.get("mixed_bits"):
+        return bits
+    return f"{bits} mixed" + (f" ({row['layer_bits']})" if row.get("layer_bits") else "")
+
+
+def _cell(text: Any) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
+    """One line per experiment (seeds aggregated): mean ± sample std over its n runs."""
+    header = ("job", "model", "dataset", "quant", "W/A bits", "quant. input", "n", "top-1", "top-5", "best top-1",
+              "gap to FP", "FP baseline", "params", "MACs", "BOPs", "size", "epochs", "wall time")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 6 + "---:|" * 5 + "---|" + "---:|" * 6]
+    for row in summary:
+        top1 = _number(row["top1"]) + (f" ± {row['top1_std']:.2f}" if row["top1_std"] is not None else "")
+        if row["baseline"] == "is the baseline":
+            gap = "baseline"
+        else:
+            gap = f"{row['gap_top1']:+.2f}" if row["gap_top1"] is not None else "-"
+        best = _number(row["best_top1"]) + (f" ({row['best_selected_on']})" if row["best_top1"] is not None else "")
+        seeds = ", ".join(str(seed) for seed in row["seeds"])
+        cells = [f"`{row['job']}`" + (f" seeds {seeds}" if row["n"] > 1 else ""), str(row["model"]),
+                 str(row["dataset"]), str(row["quant"]), bits_label(row), "yes" if row["quantize_input"] else "no",
+                 str(row["n"]), top1, _number(row["top5"]), best, gap,
+                 "-" if row["baseline"] == "is the baseline" else row["baseline"],
+                 _scaled(row["params"], _COUNT_UNITS), _scaled(row["macs"], _COUNT_UNITS),
+                 _scaled(row["bops"], _COUNT_UNITS), _scaled(row["size_bytes"], _BYTE_UNITS), row["epochs"],
+                 f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] is not None else "-"]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def unfinished_table(rows: Sequence[dict[str, Any]]) -> str:
     names = short_names([row["job"] for row in rows]) if rows else {}
+    lines = ["| job | quant | W/A bits | epochs | status |", "|---|---|---:|---:|---|"]
     for row in rows:
-        baseline = row["quant"] == FULL_PRECISION
-        gap = "baseline" if baseline else (f"{row['gap_top1']:+.2f}" if row["gap_top1"] is not None else "-")
         status = row["status"] + (f": {row['error']}" if row["error"] else "")
-        bits = f"{row['w_bits'] if row['w_bits'] is not None else '-'}/{row['a_bits'] if row['a_bits'] is not None else '-'}"
-        cells = [f"`{names[row['job']]}`", str(row["model"]), str(row["dataset"]), str(row["quant"]), bits,
-                 "yes" if row["quantize_input"] else "no", _number(row["top1"]), _number(row["top5"]),
-                 _number(row["best_top1"]), gap, _scaled(row["params"], _COUNT_UNITS),
-                 _scaled(row["macs"], _COUNT_UNITS), _scaled(row["bops"], _COUNT_UNITS),
-                 _scaled(row["size_bytes"], _BYTE_UNITS), row["epochs"],
-                 f"{row['wall_time_s']:.0f} s" if row["wall_time_s"] is not None else "-",
-                 status.replace("|", "\\|").replace("\n", " ")]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c) for c in (f"`{names[row['job']]}`", row["quant"], bits_label(row),
+                                                           row["epochs"], status)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -259,6 +435,7 @@ def top1_series(quantized: Sequence[dict[str, Any]], several_datasets: bool) -> 
         overrides = [OVERRIDE_ITEM.fullmatch(item) for item in short[str(row["job"])].split("+")]
         others = [m.group(0) for m in overrides if m and m.group(1) not in SERIES_FREE_KEYS]
         label = " ".join([str(row["quant"]), *others]) + ("" if row["quantize_input"] else " (W only)")
+        label += " mixed" if row.get("mixed_bits") and not others else ""
         label += f" {row['model']}/{row['dataset']}" if several_datasets else ""
         lines[label].append((int(row["w_bits"]), float(row["top1"])))
     for points in lines.values():
@@ -266,25 +443,26 @@ def top1_series(quantized: Sequence[dict[str, Any]], several_datasets: bool) -> 
     return dict(sorted(lines.items()))
 
 
-def plot_top1_vs_bits(rows: Sequence[dict[str, Any]], path: Path) -> bool:
-    """Final top-1 against weight bits, one line per quantizer (and other swept keys), FP baselines dashed."""
-    finished = [r for r in rows if r["status"] == "finished" and r["top1"] is not None]
-    quantized = [r for r in finished if r["quant"] != FULL_PRECISION]
+def plot_top1_vs_bits(summary: Sequence[dict[str, Any]], path: Path) -> bool:
+    """Mean top-1 against weight bits, one line per quantizer (and other swept keys), FP baselines dashed."""
+    quantized = [r for r in summary if r["quant"] != FULL_PRECISION]
     if not quantized:
         return False
     plt = _pyplot()
-    several = len({(r["model"], r["dataset"]) for r in finished}) > 1
+    several = len({(r["model"], r["dataset"]) for r in summary}) > 1
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, points in top1_series(quantized, several).items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-    for (model, dataset), value in baselines(finished).items():
-        ax.axhline(value, linestyle="--", color="grey", label=f"full precision{f' {model}/{dataset}' if several else ''}")
+    baselines = [r for r in summary if r["baseline"] == "is the baseline"]
+    for row in baselines:
+        name = f" `{row['job']}`" if len(baselines) > 1 else ""
+        ax.axhline(row["top1"], linestyle="--", color="grey", label=f"full precision{name}")
     ax.set_xlabel("weight bits")
-    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylabel("test top-1 (%)")
     ax.set_xticks(sorted({int(r["w_bits"]) for r in quantized}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Top-1 vs bit width")
+    ax.set_title("Top-1 vs bit width (mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -292,7 +470,7 @@ def plot_top1_vs_bits(rows: Sequence[dict[str, Any]], path: Path) -> bool:
 
 
 def plot_training_curves(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
-    """Validation top-1 per epoch of every job that logged it."""
+    """Test top-1 per epoch of every job that logged it."""
     curves = {name: points for name, points in curves.items() if points}
     if not curves:
         return False
@@ -302,7 +480,7 @@ def plot_training_curves(curves: dict[str, list[tuple[int, float]]], path: Path)
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", label=name)
     ax.set_xlabel("epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)  # epochs, not 1.2, 1.4, ...
-    ax.set_ylabel("val top-1 (%)")
+    ax.set_ylabel("test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Training curves")
@@ -343,7 +521,8 @@ class Report:
     markdown: Path
     csv: Path
     plots: list[Path]
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # one per job
+    summary: list[dict[str, Any]]  # one per experiment (seeds aggregated)
 
 
 def build_report(root: Path, out: Optional[Path] = None) -> Report:
@@ -355,34 +534,50 @@ def build_report(root: Path, out: Optional[Path] = None) -> Report:
     out = Path(out) if out is not None else root
     out.mkdir(parents=True, exist_ok=True)
     rows = build_rows(jobs)
+    summary = summarize(rows)
     names = short_names([job.name for job in jobs])  # plot legends and titles: what varies between jobs
     scalars = {names[job.name]: read_scalars(job.path / "tb") for job in jobs}
-    curves = {name: series.get(VAL_TOP1_TAG, []) for name, series in scalars.items()}
+    curves = {name: series.get(TEST_TOP1_TAG, series.get(LEGACY_TOP1_TAG, [])) for name, series in scalars.items()}
     alphas = {names[job.name]: learned_alphas(scalars[names[job.name]]) for job in jobs
               if job.setting("quant", ("quant", "name")) == "dsq"}
     plots = []
-    for made, filename in ((plot_top1_vs_bits(rows, out / PLOT_TOP1_VS_BITS), PLOT_TOP1_VS_BITS),
+    for made, filename in ((plot_top1_vs_bits(summary, out / PLOT_TOP1_VS_BITS), PLOT_TOP1_VS_BITS),
                            (plot_training_curves(curves, out / PLOT_CURVES), PLOT_CURVES),
                            (plot_dsq_alpha(alphas, out / PLOT_DSQ_ALPHA), PLOT_DSQ_ALPHA)):
         if made:
             plots.append(out / filename)
     write_csv(rows, out / "report.csv")
     markdown = out / "report.md"
-    markdown.write_text(render_markdown(root, rows, alphas, [p.name for p in plots]))
-    return Report(markdown=markdown, csv=out / "report.csv", plots=plots, rows=rows)
+    markdown.write_text(render_markdown(root, rows, summary, alphas, [p.name for p in plots]))
+    return Report(markdown=markdown, csv=out / "report.csv", plots=plots, rows=rows, summary=summary)
 
 
-def render_markdown(root: Path, rows: Sequence[dict[str, Any]], alphas: dict[str, dict[str, dict[str, float]]],
-                    plot_names: Sequence[str]) -> str:
+EXPLANATION = (
+    "One line per experiment: jobs that differ only in seed are one line, top-1 as mean ± sample standard "
+    "deviation over its n jobs (other columns: means). top-1/top-5: test split after the last epoch; best top-1: "
+    "the best epoch, selected on the split named in brackets (val: the held-out dataset.val_split; test: no "
+    "validation split, so it is chosen on the data it is scored on). Gap: top-1 minus the mean top-1 of the "
+    "full-precision (quant=none) experiment with the same model, dataset, data subset (train_samples, "
+    "val_samples, val_split, subset_seed, augment), epochs and recipe (optimizer, scheduler, batch size, "
+    "init_from, label smoothing, amp); a post-training (mode=calibrate) line is compared with the float run it "
+    "calibrated. W/A bits `mixed`: layers run at different widths (quant.layer_overrides, first_last=8bit), "
+    "listed in brackets. MACs for one input; BOPs = sum over layers of MACs x weight bits x activation bits, "
+    "each layer at its own widths, float layers 32 x 32 (a conv folded with its BatchNorm counts as the "
+    "quantized conv it is); size at the quantized weight widths. Failed, diverged and unfinished jobs are listed "
+    "apart and are never a line's value or a baseline. Wall time: the jobs' last invocation.\n")
+
+
+def render_markdown(root: Path, rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
+                    alphas: dict[str, dict[str, dict[str, float]]], plot_names: Sequence[str]) -> str:
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row["status"]] += 1
-    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    parts = [f"# qrun report: {root}\n", f"{len(rows)} jobs: {summary}.\n",
-             "top-1/top-5: validation accuracy (%) after the last epoch; gap: top-1 minus the mean top-1 of the "
-             "finished full-precision (quant=none) jobs of the same model and dataset. MACs for one input; BOPs = "
-             "sum over layers of MACs x weight bits x activation bits (float layers 32 x 32); size at the "
-             "quantized weight widths. Wall time: the job's last invocation.\n", markdown_table(rows)]
+    statuses = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    parts = [f"# qrun report: {root}\n", f"{len(rows)} jobs: {statuses}; {len(summary)} experiments.\n",
+             EXPLANATION, markdown_table(summary)]
+    without = unfinished(rows)
+    if without:
+        parts += ["## Jobs without a result\n", unfinished_table(without)]
     for alpha_job, layers in sorted(alphas.items()):
         if layers:
             parts.append(f"## Learned DSQ alpha: `{alpha_job}`\n")

@@ -66,26 +66,38 @@ def sweep(tmp_path: Path) -> Path:
     return root
 
 
+def tables(text: str) -> list[dict[str, dict[str, str]]]:
+    """Every markdown table of a report: {job cell without backticks and seeds: {column: cell}}."""
+    found, header = [], None
+    for line in text.splitlines() + [""]:
+        cells = [c.strip() for c in line.split("|")[1:-1]] if line.startswith("|") else None
+        if cells is None:
+            header = None
+        elif header is None:
+            header = cells
+            found.append({})
+        elif not set(line) <= set("|-: "):
+            found[-1][cells[0].split("`")[1] if "`" in cells[0] else cells[0]] = dict(zip(header, cells))
+    return found
+
+
 def test_report_table_csv_and_plots(sweep: Path) -> None:
     report = build_report(sweep)
     text = report.markdown.read_text()
-    lines = {line.split("|")[1].strip(" `"): [c.strip() for c in line.split("|")[1:-1]]
-             for line in text.splitlines() if line.startswith("| `")}
-    assert set(lines) == {"quant-none", "bits-2+quant-dsq", "bits-4+quant-dsq", "bits-4+quant-xnor",
-                          "bits-2+quant-lsq"}
-    header = [c.strip() for c in text.split("\n| job |")[1].splitlines()[0].split("|")[:-1]]
-    header = ["job", *header]
-    row = dict(zip(header, lines["bits-2+quant-dsq"]))
-    assert row["W/A bits"] == "2/2" and row["top-1"] == "80.00" and row["best top-1"] == "80.50"
+    results, without = [t for t in tables(text) if "job" in next(iter(t.values()), {})][:2]
+    assert set(results) == {"quant-none", "bits-2+quant-dsq", "bits-4+quant-dsq"}
+    row = results["bits-2+quant-dsq"]
+    assert row["W/A bits"] == "2/2" and row["top-1"] == "80.00" and row["best top-1"] == "80.50 (test)"
     assert row["gap to FP"] == "-10.00" and row["BOPs"] == "15.48M" and row["MACs"] == "3.87M"
-    assert row["epochs"] == "2/2" and row["status"] == "finished"
-    assert dict(zip(header, lines["quant-none"]))["gap to FP"] == "baseline"
-    assert dict(zip(header, lines["quant-none"]))["W/A bits"] == "32/32"
-    assert dict(zip(header, lines["bits-4+quant-xnor"]))["status"].startswith("failed: QrunError: quantizer 'xnor'")
-    lsq = dict(zip(header, lines["bits-2+quant-lsq"]))
-    assert (lsq["status"], lsq["top-1"], lsq["W/A bits"]) == ("incomplete", "-", "2/2")
+    assert row["epochs"] == "2/2" and row["n"] == "1" and row["FP baseline"] == "`quant-none`"
+    assert results["quant-none"]["gap to FP"] == "baseline" and results["quant-none"]["W/A bits"] == "32/32"
+    # Jobs without a result are listed apart, with their status.
+    assert set(without) == {"bits-4+quant-xnor", "bits-2+quant-lsq"}
+    assert without["bits-4+quant-xnor"]["status"].startswith("failed: QrunError: quantizer 'xnor'")
+    lsq = without["bits-2+quant-lsq"]
+    assert (lsq["status"], lsq["W/A bits"]) == ("incomplete", "2/2")
     assert text.index("`quant-none`") < text.index("`bits-2+quant-dsq`")  # baseline row first
-    assert "2 jobs" not in text and "5 jobs: 1 failed, 3 finished, 1 incomplete." in text
+    assert "5 jobs: 1 failed, 3 finished, 1 incomplete; 3 experiments." in text
 
     rows = {r["job"]: r for r in csv.DictReader(report.csv.open())}
     assert float(rows["bits-4+quant-dsq"]["gap_top1"]) == pytest.approx(-2.0)
@@ -100,13 +112,84 @@ def test_report_table_csv_and_plots(sweep: Path) -> None:
     assert "| features.4 | 0.2000 | 0.4000 |" in text and "| features.4 | 0.1000 | 0.3000 |" in text
 
 
+def recipe_config(quant: str, bits: int, seed: int = 0, epochs: int = 2, lr: float = 0.001,
+                  train_samples: int = 3000, overrides: dict | None = None) -> dict:
+    """A saved config as Hydra writes it, with the keys a baseline must share."""
+    return {"model": {"name": "cnn_bn", "options": {}},
+            "dataset": {"name": "fashion_mnist", "train_samples": train_samples, "val_samples": 1000,
+                        "val_split": None, "subset_seed": 0, "augment": False},
+            "quant": {"name": quant, "first_last": "fp", "layer_overrides": overrides or {}, "options": {}},
+            "optimizer": {"name": "adam", "lr": lr}, "scheduler": {"name": "cosine", "warmup_epochs": 0.0},
+            "bits": bits, "w_bits": "${bits}", "a_bits": "${bits}", "quantize_input": quant != "none",
+            "epochs": epochs, "batch_size": 128, "init_from": None, "seed": seed, "mode": "train"}
+
+
+def test_baselines_share_the_recipe_and_seeds_are_aggregated(tmp_path: Path) -> None:
+    root = tmp_path / "multirun" / "recipes"
+    for seed, top1 in ((0, 90.0), (1, 92.0)):
+        fake_job(root, f"quant-none+seed-{seed}", finished("none", 4, top1, seed=seed), recipe_config("none", 4, seed))
+    # Same recipe, diverged: never part of the baseline (it would drag the mean to 64).
+    fake_job(root, "quant-none+seed-2", finished("none", 4, 10.0, seed=2, train_loss=float("nan")),
+             recipe_config("none", 4, 2))
+    fake_job(root, "epochs-8+quant-none", finished("none", 4, 95.0, epoch=8), recipe_config("none", 4, epochs=8))
+    fake_job(root, "optimizer.lr-0.01+quant-none", finished("none", 4, 70.0), recipe_config("none", 4, lr=0.01))
+    for seed, top1 in ((0, 88.0), (1, 89.0), (2, 90.0)):
+        fake_job(root, f"bits-4+quant-dsq+seed-{seed}", finished("dsq", 4, top1, seed=seed),
+                 recipe_config("dsq", 4, seed))
+    fake_job(root, "bits-4+epochs-8+quant-dsq", finished("dsq", 4, 94.0, epoch=8), recipe_config("dsq", 4, epochs=8))
+    fake_job(root, "bits-4+dataset.train_samples-1000+quant-lsq", finished("lsq", 4, 85.0),
+             recipe_config("lsq", 4, train_samples=1000))
+    mixed_bops = 3869824 * 16 + 3612672 * 16
+    fake_job(root, "bits-4+quant-dsq+quant.layer_overrides-features.4.w_bits.8",
+             finished("dsq", 4, 89.5, layer_bits=["W8A4", "W4A4"], bops=mixed_bops),
+             recipe_config("dsq", 4, overrides={"features.4": {"w_bits": 8}}))
+    fake_job(root, "bits-4+quant-xnor", {"status": "failed", "error": "QrunError: no"}, recipe_config("xnor", 4))
+
+    report = build_report(root)
+    text = report.markdown.read_text()
+    results, without = tables(text)[:2]
+    fp = results["quant-none"]
+    assert (fp["n"], fp["top-1"], fp["gap to FP"]) == ("2", "91.00 ± 1.41", "baseline")
+    assert fp["job"] == "`quant-none` seeds 0, 1"
+    dsq = results["bits-4+quant-dsq"]
+    assert (dsq["n"], dsq["top-1"], dsq["gap to FP"], dsq["FP baseline"]) == ("3", "89.00 ± 1.00", "-2.00",
+                                                                               "`quant-none` (n=2)")
+    long = results["bits-4+epochs-8+quant-dsq"]
+    assert (long["gap to FP"], long["FP baseline"]) == ("-1.00", "`epochs-8+quant-none`")
+    lsq = results["bits-4+dataset.train_samples-1000+quant-lsq"]
+    assert lsq["gap to FP"] == "-"
+    assert lsq["FP baseline"] == "none: no full-precision run with the same model, data, epochs and recipe"
+    mixed = results["bits-4+quant-dsq+quant.layer_overrides-features.4.w_bits.8"]
+    assert mixed["W/A bits"] == "4/4 mixed (W8A4 W4A4)" and mixed["BOPs"] == f"{mixed_bops / 1e6:.2f}M"
+    assert mixed["gap to FP"] == "-1.50"
+    assert results["optimizer.lr-0.01+quant-none"]["gap to FP"] == "baseline"
+    assert set(without) == {"quant-none+seed-2", "bits-4+quant-xnor"}
+    assert without["quant-none+seed-2"]["status"] == "diverged"
+    assert "12 jobs: 1 diverged, 1 failed, 10 finished; 7 experiments." in text
+
+    rows = {r["job"]: r for r in csv.DictReader(report.csv.open())}
+    assert float(rows["bits-4+quant-dsq+seed-0"]["gap_top1"]) == pytest.approx(88.0 - 91.0)
+    assert rows["bits-4+quant-dsq+seed-2"]["baseline"] == "quant-none (n=2)"
+    assert rows["quant-none+seed-2"]["gap_top1"] == "" and rows["quant-none+seed-2"]["status"] == "diverged"
+
+
+def test_calibrated_runs_compare_with_the_float_run_they_read(tmp_path: Path) -> None:
+    root = tmp_path / "outputs"
+    float_job = fake_job(root, "float", finished("none", 8, 91.0), recipe_config("none", 8))
+    ptq = {**recipe_config("affine", 8), "mode": "calibrate"}
+    fake_job(root, "ptq", finished("affine", 8, 90.25, mode="calibrate", epoch=0,
+                                   checkpoint=str(float_job / "checkpoints" / "best.pt")), ptq)
+    summary = {row["job"]: row for row in build_report(root).summary}
+    assert summary["ptq"]["gap_top1"] == pytest.approx(-0.75) and summary["ptq"]["baseline"] == "`float`"
+
+
 def test_report_reads_a_real_training_run(tmp_path: Path, fashion_mnist_available: None) -> None:
     job = tmp_path / "sweep" / "bits-2+quant-dsq"
     results = run_training(["dataset.train_samples=256", "dataset.val_samples=128", "epochs=2", "batch_size=64",
                             "quant=dsq", "bits=2", "quantize_input=true"], job)
     scalars = read_scalars(job / "tb")
-    assert [step for step, _ in scalars["val/top1"]] == [1, 2]
-    assert scalars["val/top1"][-1][1] == pytest.approx(results["top1"])
+    assert [step for step, _ in scalars["test/top1"]] == [1, 2]
+    assert scalars["test/top1"][-1][1] == pytest.approx(results["top1"])
     alphas = learned_alphas(scalars)
     assert alphas and all(set(sides) == {"weight", "act"} for sides in alphas.values())
     report = build_report(tmp_path / "sweep", out=tmp_path / "report")

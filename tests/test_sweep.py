@@ -68,7 +68,8 @@ def test_installed_qrun_sweep_local_launcher_and_rerun(tmp_path: Path, fashion_m
     report = subprocess.run([str(QRUN_REPORT), str(sweep)], capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr
     table = (sweep / "report.md").read_text()
-    assert table.count("| finished |") == 4 and table.count("| failed: ") == 2
+    # The two thread settings of a quantizer differ in nothing the result depends on: one line each, n=2.
+    assert "6 jobs: 2 failed, 4 finished; 2 experiments." in table and table.count("| failed: ") == 2
 
 
 def test_job_folder_passes_back_to_resume_unquoted(tmp_path: Path, fashion_mnist_available: None) -> None:
