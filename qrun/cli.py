@@ -41,7 +41,8 @@ def _job(cfg: DictConfig) -> Optional[dict[str, Any]]:
         log.exception("job failed")
         _record_failure(Path(HydraConfig.get().runtime.output_dir) / RESULTS_FILE, error)
         return None
-    log.info("top1 %.2f  best %.2f  (%s)", results["top1"], results["best_top1"], results["output_dir"])
+    log.info("top1 %.2f (test)  best %.2f (selected on %s)  (%s)", results["top1"], results["best_top1"],
+             results.get("best_selected_on", "test"), results["output_dir"])
     return results
 
 

@@ -341,7 +341,7 @@ def split_results(history: list[dict[str, float]]) -> dict[str, Any]:
     has_val = bool(history) and "val_top1" in history[-1]
     key = selection_key(has_val)
     # The last epoch at the maximum: fit() overwrites best.pt on ties.
-    best = max(reversed(history), key=lambda entry: entry[key]) if history else {}
+    best = max(reversed(history), key=lambda entry: entry.get(key, float("-inf"))) if history else {}
     return {"top1_split": "test", "best_selected_on": "val" if has_val else "test", "best_epoch": best.get("epoch"),
             "best_test_top1": best.get("top1"), "val_top1": history[-1].get("val_top1") if has_val else None,
             "val_top5": history[-1].get("val_top5") if has_val else None}
@@ -365,7 +365,8 @@ def evaluate_checkpoint(context: RunContext) -> dict[str, Any]:
              metrics["top1"], metrics["top5"], payload["metrics"].get("top1", float("nan")), payload["epoch"])
     results = base_results(context, model)
     results.update(top1=metrics["top1"], top5=metrics["top5"], best_top1=payload["best_top1"],
-                   epoch=payload["epoch"], checkpoint=str(path), checkpoint_top1=payload["metrics"].get("top1"))
+                   epoch=payload["epoch"], checkpoint=str(path), checkpoint_top1=payload["metrics"].get("top1"),
+                   top1_split="test", best_selected_on=split_results(payload.get("history", []))["best_selected_on"])
     return write_results(context, results)
 
 
