@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from qrun import checkpoint
 from qrun.config import validate
-from qrun.data import build_datasets
+from qrun.data import build_datasets, build_transform
 from qrun.errors import QrunError
 from tests.conftest import compose_config, run_training
 
@@ -145,3 +145,16 @@ def test_a_different_explicit_num_classes_is_refused(tmp_path: Path) -> None:
     with pytest.raises(QrunError, match=rf"^dataset.num_classes=1000 does not match the 3 class folders in "
                                         rf"{root / 'train'}; accepted: 3 or null \(taken from the folders\)$"):
         run_training(["dataset=imagenet", f"dataset.root={root}", "dataset.num_classes=1000"], tmp_path / "run")
+
+
+def test_image_folder_validation_images_get_the_evaluation_transform(tmp_path: Path) -> None:
+    root = image_folder(tmp_path / "tiny", ("ant", "bee", "cat"))
+    cfg = compose_config(["dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32",
+                          "dataset.val_split=2"], tmp_path).dataset
+    splits = build_datasets(cfg)
+    assert (len(splits.train), len(splits.val), len(splits.test), cfg.num_classes) == (4, 2, 6, 3)
+    path, label = splits.val.dataset.samples[splits.val.indices[0]]
+    image, target = splits.val[0]
+    # Resize + CenterCrop, never RandomResizedCrop or a flip: the same tensor every time it is read.
+    expected = build_transform(cfg, train=False)(Image.open(path).convert("RGB"))
+    assert target == label and torch.equal(image, expected) and torch.equal(splits.val[0][0], expected)
