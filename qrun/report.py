@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from qrun.errors import QrunError
 
@@ -215,12 +215,12 @@ def _baseline_of(group: list[dict[str, Any]], fp_groups: dict[str, list[dict[str
                  by_path: dict[str, list[dict[str, Any]]]) -> tuple[Optional[list[dict[str, Any]]], str]:
     """The full-precision group a quantized group is compared with, or why there is none."""
     first = group[0]
-    if first["recipe"] is None:
-        return None, f"none: no {HYDRA_CONFIG} to match a recipe"
     if first["mode"] == "calibrate" and first.get("checkpoint"):
         # Post-training quantization: the baseline is the float run whose checkpoint was calibrated.
         source = by_path.get(str(Path(first["checkpoint"]).resolve().parent.parent))
         return (source, "") if source else (None, "none: the calibrated float run is not in this folder")
+    if first["recipe"] is None:
+        return None, f"none: no {HYDRA_CONFIG} to match a recipe"
     if first["mode"] != "train":
         return None, f"none: mode={first['mode']}"
     base = fp_groups.get(first["recipe"])
@@ -359,8 +359,8 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
         else:
             gap = f"{row['gap_top1']:+.2f}" if row["gap_top1"] is not None else "-"
         best = _number(row["best_top1"]) + (f" ({row['best_selected_on']})" if row["best_top1"] is not None else "")
-        seeds = ", ".join(str(seed) for seed in row["seeds"])
-        cells = [f"`{row['job']}`" + (f" seeds {seeds}" if row["n"] > 1 else ""), str(row["model"]),
+        seeds = sorted({str(seed) for seed in row["seeds"]})
+        cells = [f"`{row['job']}`" + (f" seeds {', '.join(seeds)}" if len(seeds) > 1 else ""), str(row["model"]),
                  str(row["dataset"]), str(row["quant"]), bits_label(row), "yes" if row["quantize_input"] else "no",
                  str(row["n"]), top1, _number(row["top5"]), best, gap,
                  "-" if row["baseline"] == "is the baseline" else row["baseline"],

@@ -1,4 +1,4 @@
-"""Honest validation: a seeded validation split picks best.pt, the test split is only scored; ImageFolder class counts."""
+"""Honest validation: a seeded validation split picks best.pt, the test split is only scored; ImageFolder classes."""
 
 from __future__ import annotations
 
