@@ -359,7 +359,7 @@ def markdown_table(summary: Sequence[dict[str, Any]]) -> str:
         else:
             gap = f"{row['gap_top1']:+.2f}" if row["gap_top1"] is not None else "-"
         best = _number(row["best_top1"]) + (f" ({row['best_selected_on']})" if row["best_top1"] is not None else "")
-        seeds = sorted({str(seed) for seed in row["seeds"]})
+        seeds = [str(seed) for seed in sorted({seed for seed in row["seeds"] if seed is not None})]
         cells = [f"`{row['job']}`" + (f" seeds {', '.join(seeds)}" if len(seeds) > 1 else ""), str(row["model"]),
                  str(row["dataset"]), str(row["quant"]), bits_label(row), "yes" if row["quantize_input"] else "no",
                  str(row["n"]), top1, _number(row["top5"]), best, gap,
