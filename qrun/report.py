@@ -426,17 +426,25 @@ def _pyplot():
     return plt
 
 
-def top1_series(quantized: Sequence[dict[str, Any]], several_datasets: bool) -> dict[str, list[tuple[int, float]]]:
-    """(weight bits, top-1) points per line: one line per quantizer and per value of every other swept key
+def series_labels(quantized: Sequence[dict[str, Any]], several_datasets: bool) -> list[str]:
+    """The line of each row: one line per quantizer and per value of every other swept key
     (`quant.first_last-fp`, ...), so jobs that differ in more than bits never share a line."""
     short = short_names([str(row["job"]) for row in quantized])
-    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    labels = []
     for row in quantized:
         overrides = [OVERRIDE_ITEM.fullmatch(item) for item in short[str(row["job"])].split("+")]
         others = [m.group(0) for m in overrides if m and m.group(1) not in SERIES_FREE_KEYS]
         label = " ".join([str(row["quant"]), *others]) + ("" if row["quantize_input"] else " (W only)")
         label += " mixed" if row.get("mixed_bits") and not others else ""
         label += f" {row['model']}/{row['dataset']}" if several_datasets else ""
+        labels.append(label)
+    return labels
+
+
+def top1_series(quantized: Sequence[dict[str, Any]], several_datasets: bool) -> dict[str, list[tuple[int, float]]]:
+    """(weight bits, top-1) points per line (see `series_labels`)."""
+    lines: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for label, row in zip(series_labels(quantized, several_datasets), quantized):
         lines[label].append((int(row["w_bits"]), float(row["top1"])))
     for points in lines.values():
         points.sort()
@@ -451,8 +459,12 @@ def plot_top1_vs_bits(summary: Sequence[dict[str, Any]], path: Path) -> bool:
     plt = _pyplot()
     several = len({(r["model"], r["dataset"]) for r in summary}) > 1
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    spread = {(label, int(row["w_bits"]), float(row["top1"])): row.get("top1_std") or 0.0
+              for label, row in zip(series_labels(quantized, several), quantized)}
     for label, points in top1_series(quantized, several).items():
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        errors = [spread[(label, bits, top1)] for bits, top1 in points]  # sample std over seeds; 0 for one run
+        ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=errors, marker="o", capsize=3,
+                    label=label)
     baselines = [r for r in summary if r["baseline"] == "is the baseline"]
     for row in baselines:
         name = f" `{row['job']}`" if len(baselines) > 1 else ""
@@ -462,7 +474,7 @@ def plot_top1_vs_bits(summary: Sequence[dict[str, Any]], path: Path) -> bool:
     ax.set_xticks(sorted({int(r["w_bits"]) for r in quantized}))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title("Top-1 vs bit width (mean over seeds)")
+    ax.set_title("Top-1 vs bit width (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
