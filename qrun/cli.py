@@ -47,7 +47,8 @@ def _job(cfg: DictConfig) -> Optional[dict[str, Any]]:
 
 def _record_failure(path: Path, error: BaseException) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}"}, indent=2))
+    status = getattr(error, "status", "failed")  # "diverged" for qrun.guard.Diverged
+    path.write_text(json.dumps({"status": status, "error": f"{type(error).__name__}: {error}"}, indent=2))
 
 
 def main() -> None:
