@@ -255,7 +255,7 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, va
             start = start_epoch(state, tracker, epoch, context)
             batches = EpochSteps(train_loader.epoch(epoch, start), start,
                                  between_steps(state, context, tracker, stop, epoch, start))
-            lr = state.optimizer.param_groups[0]["lr"]  # what the epoch's first step uses
+            lr = epoch_start_lr(state, epoch)
             train_metrics = train_epoch(step_model, tracker, state, context, batches, epoch)
             if batches.stopped:
                 preempted(state, context, tracker, stop, epoch, batches.batch, start)
@@ -273,6 +273,12 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, va
     finally:
         logger.close()
     return metrics
+
+
+def epoch_start_lr(state: TrainingState, epoch: int) -> float:
+    """The lr of the epoch's first step, as LambdaLR computes it (also for an epoch resumed mid-way)."""
+    scheduler = state.scheduler
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0]((epoch - 1) * state.steps_per_epoch)
 
 
 def start_epoch(state: TrainingState, tracker: guard.StepTracker, epoch: int, context: RunContext) -> int:
