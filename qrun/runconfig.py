@@ -238,16 +238,32 @@ def _refuse_contradictions(stored: dict, requested: dict, explicit: set[str], mo
 def for_run(cfg: DictConfig, output_dir: Path, overrides: Optional[Iterable[str]] = None) -> DictConfig:
     """The config this invocation runs with (see the module docstring)."""
     mode = mode_name(cfg)
-    if mode in ("evaluate", "export") or (mode == "train" and cfg.resume):
-        prefer = checkpoint.LAST if mode == "train" else checkpoint.BEST
-        source = checkpoint.resolve(cfg.resume, prefer=prefer)
-        stored = checkpoint.load(source, mmap=True).get("config")
-        if not isinstance(stored, dict):
-            raise QrunError(f"checkpoint {source} has no stored config; pass a checkpoint written by qrun train")
-        return inherit(cfg, stored, explicit_keys(cfg, overrides), mode, source)
+    if mode in ("evaluate", "export"):
+        source, inherited = checkpoint.resolve(cfg.resume, prefer=checkpoint.BEST), True
+    elif mode == "train":
+        source, inherited = train_source(cfg, output_dir)
+    else:
+        return cfg
+    if source is None:
+        return cfg
+    stored = checkpoint.load(source, mmap=True).get("config")
+    if not isinstance(stored, dict):
+        raise QrunError(f"checkpoint {source} has no stored config; pass a checkpoint written by qrun train")
+    if not inherited:
+        check_same_run(stored, cfg, output_dir)
+        return cfg
+    return inherit(cfg, stored, explicit_keys(cfg, overrides), mode, source)
+
+
+def train_source(cfg: DictConfig, output_dir: Path) -> tuple[Optional[Path], bool]:
+    """The checkpoint a training run continues from, and whether it takes that checkpoint's config.
+
+    The folder's own last.pt comes first (auto_resume): it is this run's newest state, also when the run was
+    started with resume=<another run> (re-running that command, or a requeue, continues here, not there).
+    """
     own = output_dir / "checkpoints" / checkpoint.LAST
-    if mode == "train" and cfg.auto_resume and own.is_file():
-        stored = checkpoint.load(own, mmap=True).get("config")
-        if isinstance(stored, dict):
-            check_same_run(stored, cfg, output_dir)
-    return cfg
+    if cfg.auto_resume and own.is_file():
+        return own, bool(cfg.resume)
+    if cfg.resume:
+        return checkpoint.resolve(cfg.resume, prefer=checkpoint.LAST), True
+    return None, False

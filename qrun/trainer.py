@@ -395,13 +395,16 @@ def save_position(state: TrainingState, context: RunContext, tracker: guard.Step
 def preempted(state: TrainingState, context: RunContext, tracker: guard.StepTracker, stop: preempt.StopRequest,
               epoch: int, batch: int, start: int) -> None:
     """Save where the epoch stands (unless nothing ran since the last checkpoint), say so, and leave."""
+    path = context.checkpoint_dir / checkpoint.LAST
     if batch > start and batch < state.steps_per_epoch:
-        path = save_position(state, context, tracker, epoch, batch)
-        where = f"epoch {epoch} batch {batch}/{state.steps_per_epoch}"
+        save_position(state, context, tracker, epoch, batch)
+        saved = f"checkpoint at epoch {epoch} batch {batch}/{state.steps_per_epoch} in {path}"
+    elif path.is_file():
+        saved = f"nothing ran since the checkpoint in {path}"
     else:
-        path, where = context.checkpoint_dir / checkpoint.LAST, f"the end of epoch {state.epoch}"
-    log.warning("preempted by %s: checkpoint at %s in %s; the same command continues from there (exit %d)",
-                stop.signal_name, where, path, preempt.EXIT_CODE)
+        saved = "no step ran yet, nothing to save"
+    log.warning("preempted by %s: %s; the same command continues from there (exit %d)", stop.signal_name, saved,
+                preempt.EXIT_CODE)
     distributed.barrier(context.dist)
     stop.hand_over()
 
@@ -441,11 +444,8 @@ def state_payload(state: TrainingState, context: RunContext, metrics: dict[str, 
 
 
 def resume_checkpoint(cfg: DictConfig, context: RunContext) -> Optional[Path]:
-    """An explicit resume=, else (auto_resume) this run directory's own last checkpoint, else None."""
-    if cfg.resume:
-        return checkpoint.resolve(cfg.resume, prefer=checkpoint.LAST)
-    own = context.checkpoint_dir / checkpoint.LAST
-    return own if cfg.auto_resume and own.is_file() else None
+    """This run directory's own last.pt (auto_resume), else an explicit resume=, else None."""
+    return runconfig.train_source(cfg, context.output_dir)[0]
 
 
 def without_quantizer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -584,7 +584,7 @@ def finished_results(context: RunContext) -> Optional[dict[str, Any]]:
     """Stored results of this very directory when a previous invocation already trained all epochs."""
     cfg = context.cfg
     path = context.output_dir / RESULTS_FILE
-    if cfg.resume or not cfg.auto_resume or not path.is_file():
+    if not cfg.auto_resume or not path.is_file():
         return None
     try:
         results = json.loads(path.read_text())

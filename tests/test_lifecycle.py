@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from qrun import guard, lock, runconfig, trainer
+from qrun.data import epoch_seed
 from qrun.errors import QrunError
 from qrun.optim import lr_factor
 from qrun.schedule import planned_factor
@@ -210,3 +213,34 @@ def test_a_sweep_records_a_diverged_job_as_diverged(tmp_path: Path) -> None:
     _record_failure(tmp_path / "results.json", guard.Diverged("training diverged at epoch 1 step 3 of 8: loss is nan"))
     stored = strict_json(tmp_path / "results.json")
     assert stored["status"] == "diverged" and "epoch 1 step 3" in stored["error"]
+
+
+def test_a_handler_installed_before_qrun_runs_after_the_mid_epoch_checkpoint(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit installs its SIGUSR2 handler (requeue, then exit -1) before the job starts: it must still run,
+    but only once the mid-epoch checkpoint is on disk."""
+    calls = []
+
+    def submitit_like(signum, frame):
+        calls.append((signum, torch.load(tmp_path / "checkpoints/last.pt", weights_only=True)["position"]))
+        raise SystemExit(-1)
+
+    original = trainer.save_position
+
+    def save_then_signal(*args):
+        path = original(*args)
+        if not calls and not getattr(save_then_signal, "sent", False):
+            save_then_signal.sent = True
+            os.kill(os.getpid(), signal.SIGUSR2)  # a real signal, delivered while the epoch runs
+        return path
+
+    previous = signal.signal(signal.SIGUSR2, submitit_like)
+    monkeypatch.setattr(trainer, "save_position", save_then_signal)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_training([*TINY, "epochs=1", "checkpoint_every_steps=2"], tmp_path)
+        assert signal.getsignal(signal.SIGUSR2) is submitit_like, "qrun must put the previous handler back"
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert exited.value.code == -1
+    assert calls == [(signal.SIGUSR2, {"epoch": 1, "batch": 3, "sampler_seed": epoch_seed(0, 1)})]
