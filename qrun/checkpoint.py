@@ -120,6 +120,24 @@ def repair_best(last_payload: dict[str, Any], last_path: Path, best_path: Path) 
     return f"{best_path} restored from {last_path} (best epoch {best_epoch})"
 
 
+def carry_best(last_payload: dict[str, Any], last_path: Path, best_path: Path) -> Optional[str]:
+    """A run resumed into a new folder starts with its source's best.pt, so the best so far is not lost."""
+    best_epoch = last_payload.get("best_epoch")
+    if best_path.exists() or best_epoch is None:
+        return None
+    source_best = last_path.with_name(BEST)
+    if source_best.is_file() and torch.load(source_best, map_location="cpu", weights_only=True,
+                                            mmap=True).get("epoch") == best_epoch:
+        source = source_best
+    elif last_payload.get("epoch") == best_epoch and last_payload.get("position") is None:
+        source = last_path
+    else:
+        return None
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_copy(source, best_path)
+    return f"{best_path} copied from {source} (best epoch {best_epoch})"
+
+
 def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
     """A qrun checkpoint, loaded without executing code; `mmap` reads tensors lazily (to look at the config only)."""
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import signal
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -106,7 +106,3 @@ def installed(names: Sequence[str], enabled: bool = True) -> Iterator[StopReques
     finally:
         for sig, previous in request.previous.items():
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
-
-
-def handler_is_default(handler: Optional[Callable]) -> bool:
-    return handler in (None, signal.SIG_DFL, signal.SIG_IGN)

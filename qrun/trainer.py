@@ -485,6 +485,10 @@ def restore_training_state(state: TrainingState, path: Path, cfg: DictConfig, co
     state.best_epoch = payload.get("best_epoch")
     state.history = list(payload.get("history", []))
     state.position, state.tracker_states = position, payload.get("trackers")
+    if context.dist.is_main and path.parent != context.checkpoint_dir:
+        carried = checkpoint.carry_best(payload, path, context.checkpoint_dir / checkpoint.BEST)
+        if carried:
+            log.info("%s", carried)
     checkpoint.restore_rng_state(payload["rng"])
     where = f"epoch {position['epoch']} batch {position['batch']}/{state.steps_per_epoch}" if position else \
         f"epoch {state.epoch + 1}"
@@ -510,7 +514,6 @@ def restore_schedule(state: TrainingState, payload: dict[str, Any], cfg: DictCon
 
 def record_divergence(state: TrainingState, context: RunContext, error: Diverged) -> None:
     """results.json says the run diverged and why (a sweep lists it as such; qrun-report skips it)."""
-    log.error("%s", error)
     cfg = context.cfg
     results = {"status": "diverged", "error": str(error), "mode": "train", **architecture(cfg), "bits": cfg.bits,
                "seed": cfg.seed, "epoch": state.epoch, "best_top1": state.best_top1, "history": state.history,

@@ -244,3 +244,11 @@ def test_a_handler_installed_before_qrun_runs_after_the_mid_epoch_checkpoint(tmp
         signal.signal(signal.SIGUSR2, previous)
     assert exited.value.code == -1
     assert calls == [(signal.SIGUSR2, {"epoch": 1, "batch": 3, "sampler_seed": epoch_seed(0, 1)})]
+
+
+def test_a_run_resumed_into_a_new_folder_keeps_its_best_checkpoint(lsq_run: Path, tmp_path: Path) -> None:
+    results = run_training([f"resume={lsq_run}"], tmp_path)  # epochs=1 from the checkpoint: nothing left to train
+    assert results["epoch"] == 1 and results["quant"] == "lsq"
+    a = torch.load(lsq_run / "checkpoints/best.pt", weights_only=True)
+    b = torch.load(tmp_path / "checkpoints/best.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
