@@ -20,6 +20,8 @@ from qrun.errors import QrunError
 
 FORMAT_VERSION = 1
 LAST, BEST = "last.pt", "best.pt"
+# What every qrun checkpoint holds (calibrated ones have empty optimizer and scheduler states).
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_top1", "metrics", "architecture", "config", "rng")
 # What must agree between a checkpoint and the config that loads it; anything else (lr, epochs...) may change.
 ARCHITECTURE_KEYS = ("model", "dataset", "quant", "w_bits", "a_bits", "quantize_input")
 
@@ -58,9 +60,12 @@ def _fsync_dir(folder: Path) -> None:
 
 def atomic_save(payload: dict[str, Any], path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     _kill_point("before_tmp", path)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise write_error(path, error) from None
     try:
         with os.fdopen(handle, "wb") as tmp:
             torch.save(payload, tmp)
@@ -68,11 +73,18 @@ def atomic_save(payload: dict[str, Any], path: Path) -> None:
             os.fsync(tmp.fileno())
         _kill_point("before_rename", path)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise write_error(path, error) from None
         raise
     _fsync_dir(path.parent)
     _kill_point("after_rename", path)
+
+
+def write_error(path: Path, error: OSError) -> QrunError:
+    """A full disk or a read-only folder as one line naming the path (the previous checkpoint is intact)."""
+    return QrunError(f"cannot write {path}: {error.strerror or error}; the previous checkpoint, if any, is intact")
 
 
 def atomic_copy(source: Path, path: Path) -> None:
@@ -144,11 +156,15 @@ def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = Fals
         payload = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise QrunError(f"checkpoint not found: {path}") from None
-    except Exception as error:  # a truncated or foreign file
-        raise QrunError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+    except Exception as error:  # a truncated or foreign file, or a pickle that is not plain tensors and containers
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise QrunError(f"cannot read checkpoint {path}: {type(error).__name__}: {first_line}") from None
     if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
         found = payload.get("format_version") if isinstance(payload, dict) else type(payload).__name__
         raise QrunError(f"{path} is not a qrun checkpoint of format {FORMAT_VERSION} (found {found!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in payload]
+    if missing:
+        raise QrunError(f"{path} is a partial qrun checkpoint (no {', '.join(missing)}); pass one written by qrun")
     return payload
 
 

@@ -460,7 +460,12 @@ def load_initial_weights(model: nn.Module, payload: dict[str, Any], cfg: DictCon
         if saved.get(key) != architecture(cfg)[key]:
             raise QrunError(f"checkpoint {path} is for {key}={saved.get(key)}, the config has {key}="
                             f"{architecture(cfg)[key]}; pass a checkpoint of the same {key}")
-    quant.load_float_state(model, without_quantizer_state(payload["model"]))
+    try:
+        quant.load_float_state(model, without_quantizer_state(payload["model"]))
+    except RuntimeError as error:  # same names, other shapes: the model's options (widths) differ
+        first_line = (str(error).strip().splitlines() or [""])[-1].strip()
+        raise QrunError(f"checkpoint {path} does not fit this model ({first_line}); its model.options were "
+                        f"{(payload.get('config') or {}).get('model', {}).get('options')}") from None
     log.info("weights from %s (%s, quant=%s; its quantizer state dropped)", path, saved.get("model"),
              saved.get("quant"))
 
@@ -578,8 +583,13 @@ def write_results(context: RunContext, results: dict[str, Any]) -> dict[str, Any
     path = context.output_dir / RESULTS_FILE
     tmp = path.with_suffix(".json.tmp")
     # Strict JSON: a non-finite number is written as null, never as a bare NaN.
-    tmp.write_text(json.dumps(guard.json_safe(results), indent=2, default=str, allow_nan=False))
-    os.replace(tmp, path)
+    text = json.dumps(guard.json_safe(results), indent=2, default=str, allow_nan=False)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise QrunError(f"cannot write {path}: {error.strerror or error}") from None
     return results
 
 

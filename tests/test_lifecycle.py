@@ -252,3 +252,12 @@ def test_a_run_resumed_into_a_new_folder_keeps_its_best_checkpoint(lsq_run: Path
     a = torch.load(lsq_run / "checkpoints/best.pt", weights_only=True)
     b = torch.load(tmp_path / "checkpoints/best.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_partial_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
+    from qrun import checkpoint
+
+    torch.save({"format_version": checkpoint.FORMAT_VERSION, "model": {}, "epoch": 1}, tmp_path / "partial.pt")
+    with pytest.raises(QrunError, match=r"partial.pt is a partial qrun checkpoint \(no optimizer, scheduler, "
+                                        r"best_top1, metrics, architecture, config, rng\)"):
+        checkpoint.load(tmp_path / "partial.pt")
