@@ -168,6 +168,10 @@ def validate(cfg: DictConfig) -> None:
         raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
+    if cfg.get("preempt") is not None:
+        from qrun.preempt import parse_signals  # the signal module only: no torch import here
+
+        parse_signals(cfg.preempt.signals)
     every = cfg.get("checkpoint_every_steps")
     if every is not None and every < 1:
         raise QrunError(f"checkpoint_every_steps={every} is invalid; accepted: null (epoch ends only) or a positive integer")

@@ -14,9 +14,6 @@ import signal
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional, Sequence
 
-import torch
-import torch.distributed as dist
-
 from qrun.errors import QrunError
 
 log = logging.getLogger(__name__)
@@ -36,18 +33,17 @@ class Preempted(SystemExit):
 
 def parse_signals(names: Sequence[str]) -> list[signal.Signals]:
     """`SIGTERM`, `TERM` or `15` -> signal.SIGTERM; unknown names are refused with the accepted ones."""
-    accepted = {s.name: s for s in signal.Signals}
+    by_name = {s.name: s for s in signal.Signals}
+    by_number = {s.value: s for s in signal.Signals}
     parsed = []
     for name in names:
         text = str(name).upper()
-        key = text if text.startswith("SIG") else f"SIG{text}"
-        if text.isdigit() and int(text) in {s.value for s in signal.Signals}:
-            parsed.append(signal.Signals(int(text)))
-        elif key in accepted and key not in ("SIGKILL", "SIGSTOP"):
-            parsed.append(accepted[key])
-        else:
+        found = by_number.get(int(text)) if text.isdigit() else by_name.get(text if text.startswith("SIG") else
+                                                                              f"SIG{text}")
+        if found is None or found in (signal.SIGKILL, signal.SIGSTOP):
             raise QrunError(f"preempt.signals: {name!r} is not a signal that can be caught; accepted: e.g. "
                             "SIGTERM, SIGUSR1, SIGUSR2, SIGINT")
+        parsed.append(found)
     return parsed
 
 
@@ -68,6 +64,9 @@ class StopRequest:
 
     def should_stop(self, step: int) -> bool:
         """Whether to stop before the next step; under DDP every rank gets the same answer at the same step."""
+        import torch
+        import torch.distributed as dist
+
         if not (dist.is_available() and dist.is_initialized()):
             return self.signum is not None
         if dist.get_backend() == "nccl" and step % NCCL_AGREE_EVERY:

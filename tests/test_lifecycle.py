@@ -261,3 +261,9 @@ def test_a_partial_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(QrunError, match=r"partial.pt is a partial qrun checkpoint \(no optimizer, scheduler, "
                                         r"best_top1, metrics, architecture, config, rng\)"):
         checkpoint.load(tmp_path / "partial.pt")
+
+
+@pytest.mark.parametrize("value", ["[SIGKILL]", "[9]", "[SIGBOGUS]"])
+def test_preempt_signals_that_cannot_be_caught_are_refused(tmp_path: Path, value: str) -> None:
+    with pytest.raises(QrunError, match="preempt.signals: .* is not a signal that can be caught"):
+        run_training([*TINY, f"preempt.signals={value}"], tmp_path)
