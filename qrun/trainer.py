@@ -13,7 +13,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import numpy as np
 import torch
@@ -393,7 +393,7 @@ def save_position(state: TrainingState, context: RunContext, tracker: guard.Step
 
 
 def preempted(state: TrainingState, context: RunContext, tracker: guard.StepTracker, stop: preempt.StopRequest,
-              epoch: int, batch: int, start: int) -> None:
+              epoch: int, batch: int, start: int) -> NoReturn:
     """Save where the epoch stands (unless nothing ran since the last checkpoint), say so, and leave."""
     path = context.checkpoint_dir / checkpoint.LAST
     if batch > start and batch < state.steps_per_epoch:
