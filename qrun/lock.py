@@ -21,6 +21,12 @@ from qrun.errors import QrunError
 LOCK_FILE = ".qrun.lock"
 
 
+class FolderLocked(QrunError):
+    """Another live qrun writes the folder: a sweep records this failure nowhere in that folder."""
+
+    record_in_folder = False
+
+
 def _identity() -> dict[str, object]:
     return {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job": _slurm_job(),
             "since": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -76,7 +82,7 @@ def acquire(folder: Path) -> Path:
             elif not owner:
                 owner = {"pid": -1, "host": socket.gethostname()}  # left half-written by a killed process
             if not _stale(owner):
-                raise QrunError(f"{folder} is in use by qrun pid {owner.get('pid')} on {owner.get('host')} (since "
+                raise FolderLocked(f"{folder} is in use by qrun pid {owner.get('pid')} on {owner.get('host')} (since "
                                 f"{owner.get('since')}); wait for it, or delete {path} if that process is gone")
             path.unlink(missing_ok=True)
             continue

@@ -267,3 +267,10 @@ def test_a_partial_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_preempt_signals_that_cannot_be_caught_are_refused(tmp_path: Path, value: str) -> None:
     with pytest.raises(QrunError, match="preempt.signals: .* is not a signal that can be caught"):
         run_training([*TINY, f"preempt.signals={value}"], tmp_path)
+
+
+def test_a_sweep_job_refused_by_the_lock_writes_nothing_into_the_live_folder(tmp_path: Path) -> None:
+    from qrun.cli import _record_failure
+
+    _record_failure(tmp_path / "results.json", lock.FolderLocked("in use"))
+    assert not (tmp_path / "results.json").exists()
