@@ -274,3 +274,27 @@ def test_a_sweep_job_refused_by_the_lock_writes_nothing_into_the_live_folder(tmp
 
     _record_failure(tmp_path / "results.json", lock.FolderLocked("in use"))
     assert not (tmp_path / "results.json").exists()
+
+
+def test_rerunning_a_resume_command_continues_its_own_folder_not_the_source(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    run_training([*TINY, "epochs=1"], tmp_path / "source")
+    command = [f"resume={tmp_path / 'source'}", "epochs=3"]
+    save = trainer.save_checkpoints
+
+    def save_then_die(state, context, metrics, is_best):
+        save(state, context, metrics, is_best)
+        raise SimulatedKill
+
+    monkeypatch.setattr(trainer, "save_checkpoints", save_then_die)
+    with pytest.raises(SimulatedKill):
+        run_training(command, tmp_path / "continued")  # epoch 2 saved in continued/, then killed
+    monkeypatch.setattr(trainer, "save_checkpoints", save)
+    killed = torch.load(tmp_path / "continued/checkpoints/last.pt", weights_only=True)
+    with caplog.at_level("INFO", logger="qrun.trainer"):
+        results = run_training(command, tmp_path / "continued")  # the same command again (a requeue)
+    assert f"resumed from {tmp_path / 'continued/checkpoints/last.pt'} at epoch 3" in caplog.text
+    assert [h["epoch"] for h in results["history"]] == [1, 2, 3] and killed["epoch"] == 2
+    assert results["history"][1] == killed["history"][1]
+    assert torch.load(tmp_path / "source/checkpoints/last.pt", weights_only=True)["epoch"] == 1
