@@ -108,7 +108,7 @@ def test_preemption_signal_saves_mid_epoch_and_the_same_command_continues(refere
     assert_same_run(reference, folder)
 
 
-DDP_ARGS = ["model=cnn", "dataset.train_samples=256", "dataset.val_samples=128", "epochs=2", "batch_size=32",
+DDP_ARGS = ["model=cnn", "dataset.train_samples=256", "dataset.val_samples=128", "epochs=1", "batch_size=32",
             "deterministic=true", "seed=3", "progress=false", "threads=1"]
 
 
