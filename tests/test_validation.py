@@ -138,6 +138,10 @@ def test_image_folder_sets_num_classes_from_its_class_folders(tmp_path: Path) ->
     saved = checkpoint.load(out / "checkpoints" / checkpoint.LAST)
     assert saved["model"]["classifier.weight"].shape[0] == 3 and saved["config"]["dataset"]["num_classes"] == 3
     assert results["status"] == "finished"
+    # The same command again (a re-run sweep job): null reads as the 3 the stored config holds, nothing to do.
+    again = run_training(["dataset=imagenet", f"dataset.root={root}", "dataset.image_size=32", "epochs=1",
+                          "batch_size=4", "eval_batch_size=4"], out)
+    assert again["top1"] == results["top1"] and again["wall_time_s"] == results["wall_time_s"]
 
 
 def test_a_different_explicit_num_classes_is_refused(tmp_path: Path) -> None:
