@@ -186,7 +186,7 @@ def validate(cfg: DictConfig) -> None:
         value = cfg.dataset[key]
         if value is not None and value < 1:
             raise QrunError(f"dataset.{key}={value} is invalid; accepted: null (all) or a positive integer")
-    _check_val_split(cfg.dataset.get("val_split"))
+    _check_val_split(cfg)
     if not 0.0 <= cfg.label_smoothing < 1.0:
         raise QrunError(f"label_smoothing={cfg.label_smoothing} is out of range; accepted: 0 <= value < 1")
     if cfg.optimizer.name not in OPTIMIZERS:
@@ -205,7 +205,9 @@ def _check_positive(cfg: DictConfig, keys: tuple[str, ...]) -> None:
             raise QrunError(f"{key}={cfg[key]} is invalid; accepted: a positive integer")
 
 
-def _check_val_split(value: Optional[float]) -> None:
+def _check_val_split(cfg: DictConfig) -> None:
+    """dataset.val_split: a count or a fraction of the training data (whether it fits is known at load)."""
+    value = cfg.dataset.get("val_split")
     if value is None:
         return
     if not (0.0 < value < 1.0 or (value >= 1 and float(value).is_integer())):
