@@ -283,8 +283,9 @@ def split_validation(train: Dataset, cfg) -> tuple[Dataset, Optional[Dataset]]:
 def without_augmentation(dataset: Dataset, cfg) -> Dataset:
     """The same samples (storage shared, not copied) with the evaluation transform instead of the training one."""
     view = copy.copy(dataset)
-    if getattr(view, "augment", None) is not None:  # InMemoryImages
-        view.augment = None
+    for name in ("augment", "batch_augment"):  # InMemoryImages' per-sample or per-batch augmentation
+        if getattr(view, name, None) is not None:
+            setattr(view, name, None)
     if isinstance(view, VisionDataset) and getattr(view, "transform", None) is not None:
         view.transform = build_transform(cfg, train=False)
         view.transforms = StandardTransform(view.transform, view.target_transform)
