@@ -115,8 +115,9 @@ RECIPE_KEYS: tuple[tuple[str, ...], ...] = (
     ("model",), ("dataset", "name"), ("dataset", "train_samples"), ("dataset", "val_samples"),
     ("dataset", "val_split"), ("dataset", "subset_seed"), ("dataset", "augment"), ("epochs",), ("batch_size",),
     ("optimizer",), ("scheduler",), ("init_from",), ("label_smoothing",), ("amp",))
-# What else a run must share with another to be the same experiment repeated with another seed.
-QUANT_KEYS: tuple[tuple[str, ...], ...] = (("quant",),)
+# What else a quantized run must share with another to be the same experiment repeated with another seed.
+# Distillation (a teacher) is part of it, not of the recipe: a distilled run's baseline is the plain float run.
+QUANT_KEYS: tuple[tuple[str, ...], ...] = (("quant",), ("distill",))
 
 
 def _config_value(config: dict[str, Any], path: Sequence[str]) -> Any:
