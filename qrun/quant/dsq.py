@@ -161,8 +161,8 @@ def dsq_reference_backward(grad: torch.Tensor, x: torch.Tensor, lower: torch.Ten
     a = alpha.detach().float()
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     g_in = torch.where((xf >= lo) & (xf <= hi), g, zero)
-    r = torch.mul(xf, inv) - lo / delta
-    d = q - r  # -f + sgn(f)/2, so sgn(d) = sgn(f) and |f| = 1/2 - |d|
+    r = torch.mul(xf, inv) - lo / delta  # (x - l) / Delta
+    d = (q - torch.mul(xf, inv)) + lo / delta  # q - r = -f + sgn(f)/2: sgn(d) = sgn(f), |f| = 1/2 - |d|
     f_abs = 0.5 - d.abs()
     s, c = 1.0 / (1.0 - a), torch.log(2.0 / a - 1.0)
     t_abs = torch.tanh(c * f_abs)

@@ -46,6 +46,17 @@ def _programs(n: int) -> int:
 
 
 @triton.jit
+def _store(ptr, value, mask):
+    """Store float32 `value` in ptr's dtype, rounding to nearest even. For bf16 the rounding is done here on the
+    bits, so it does not depend on the backend (Triton's interpreter truncates float32 -> bf16; CUDA rounds)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        value = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _round_half_even(v):
     f = tl.floor(v)
     d = v - f  # exact for |v| < 2^24
@@ -93,7 +104,7 @@ def _forward_kernel(x_ptr, y_ptr, codes_ptr, src_ptr, hi_ptr, aff_ptr, n, diviso
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     q = _levels(x, inv, shift, qmin, qmax, DSQ)
-    tl.store(y_ptr + offs, (q * scale + offset).to(y_ptr.dtype.element_ty), mask=mask)
+    _store(y_ptr + offs, (q * scale + offset), mask)
     if CODES:
         tl.store(codes_ptr + offs, (q - code_shift).to(tl.int8), mask=mask)
 
@@ -104,7 +115,7 @@ def _decode_kernel(codes_ptr, y_ptr, aff_ptr, n, code_shift, BLOCK: tl.constexpr
     mask = offs < n
     q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32) + code_shift
     y = q * tl.load(aff_ptr) + tl.load(aff_ptr + 1)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    _store(y_ptr + offs, y, mask)
 
 
 @triton.jit
@@ -137,7 +148,7 @@ def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, src_ptr, part_ptr, n, q
         else:
             s0 = 0.0
             s1 = 0.0
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    _store(gx_ptr + offs, gx, mask)
     if RULE != 0:
         tl.store(part_ptr + pid * 2, s0)
         tl.store(part_ptr + pid * 2 + 1, s1)
@@ -189,7 +200,7 @@ def _dsq_backward_kernel(g_ptr, x_ptr, gx_ptr, lo_ptr, hi_ptr, alpha_ptr, part_p
     pq = p - p * p
     gx = g_in * pq * (2.0 * s * c)
     h = (pq * a * alpha_coef + 2.0 * s * s * p - s * s) * g_in
-    tl.store(gx_ptr + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    _store(gx_ptr + offs, gx, mask)
     base = part_ptr + pid * 6
     tl.store(base, tl.sum(g, axis=0))
     tl.store(base + 1, tl.sum(tl.where(x > hi, g, 0.0), axis=0))
@@ -247,7 +258,7 @@ def _dorefa_weight_kernel(t_ptr, y_ptr, peak_ptr, n, levels, BLOCK: tl.constexpr
     mask = offs < n
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = _round_half_even((tl.math.div_rn(t, 2.0 * tl.load(peak_ptr)) + 0.5) * levels)
-    tl.store(y_ptr + offs, (tl.math.div_rn(v, levels) * 2.0 - 1.0).to(y_ptr.dtype.element_ty), mask=mask)
+    _store(y_ptr + offs, (tl.math.div_rn(v, levels) * 2.0 - 1.0), mask)
 
 
 @triton.jit
@@ -281,7 +292,7 @@ def _dorefa_grad_kernel(g_ptr, t_ptr, gw_ptr, peak_ptr, part_ptr, blocks, n, BLO
     t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     correction = tl.where(tl.abs(t) == peak, tl.where(t > 0.0, through_peak, -through_peak), 0.0)
     gw = (tl.math.div_rn(g, peak) - correction) * (1.0 - t * t)
-    tl.store(gw_ptr + offs, gw.to(gw_ptr.dtype.element_ty), mask=mask)
+    _store(gw_ptr + offs, gw, mask)
 
 
 @triton.jit
