@@ -232,9 +232,12 @@ def grid_reference_forward(x: torch.Tensor, src: torch.Tensor, divisor: float, m
 
 
 def grid_reference_backward(grad: torch.Tensor, x: torch.Tensor, affine: torch.Tensor, src: torch.Tensor,
-                            qmin: int, qmax: int, rule: int,
+                            divisor: float, min_src: float, qmin: int, qmax: int, rule: int,
                             grad_scale: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(grad_x, gradient of src): the clipped STE, with LSQ's step gradient (eq. 3) or PACT's alpha gradient."""
+    """(grad_x, gradient of src): the clipped STE, with LSQ's step gradient (eq. 3) or PACT's alpha gradient.
+
+    The clip range is src * (qmin / divisor) .. src * (qmax / divisor): exactly +-src when the top level is src
+    itself (uniform's range, max|W|), where qmax * step could round below the element that set the range."""
     g, xf, step = grad.float(), x.float(), affine[0]
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     if rule == GRID_PACT:
@@ -245,7 +248,8 @@ def grid_reference_backward(grad: torch.Tensor, x: torch.Tensor, affine: torch.T
         if qmin < 0:
             grad_src = grad_src - torch.where(xf <= -alpha, g, zero).sum()
         return grad_x.to(grad.dtype), grad_src
-    grad_x = torch.where((xf >= qmin * step) & (xf <= qmax * step), g, zero)
+    bound = src.detach().float().clamp(min=min_src)
+    grad_x = torch.where((xf >= bound * (qmin / divisor)) & (xf <= bound * (qmax / divisor)), g, zero)
     if rule == GRID_PLAIN:
         return grad_x.to(grad.dtype), None
     q = torch.mul(xf, 1.0 / step).round_().clamp_(qmin, qmax)

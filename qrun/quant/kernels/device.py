@@ -47,11 +47,11 @@ def _levels_forward(x: Tensor, src: Tensor, hi: Optional[Tensor], divisor: float
     return grid_reference_forward(x, src, divisor, min_src, qmin, qmax, code_shift)
 
 
-def _grid_backward(grad: Tensor, x: Tensor, aff: Tensor, src: Tensor, qmin: int, qmax: int, rule: int,
-                   grad_scale: float, in_place: bool):
+def _grid_backward(grad: Tensor, x: Tensor, aff: Tensor, src: Tensor, divisor: float, min_src: float, qmin: int,
+                   qmax: int, rule: int, grad_scale: float, in_place: bool):
     if kernels.triton_usable(x, grad):
-        return _triton().grid_backward(grad, x, aff, src, qmin, qmax, rule, grad_scale, in_place)
-    return grid_reference_backward(grad, x, aff, src, qmin, qmax, rule, grad_scale)
+        return _triton().grid_backward(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale, in_place)
+    return grid_reference_backward(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale)
 
 
 def _dsq_backward(grad: Tensor, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, levels: int, in_place: bool):
@@ -114,14 +114,13 @@ class _GridFunction(Function):
         shift = int8_shift(qmin, qmax) if compact else None
         y, codes, aff = _levels_forward(x, src, None, divisor, min_src, qmin, qmax, shift, dsq=False)
         ctx.save_for_backward(x, src, aff)
-        ctx.constants = (qmin, qmax, rule, grad_scale, grad_in_place)
+        ctx.constants = (divisor, min_src, qmin, qmax, rule, grad_scale, grad_in_place)
         return y, (None if codes is None else Codes(codes, 1.0, 0.0, x.dtype, shift, affine=aff))
 
     @staticmethod
     def backward(ctx, grad: Tensor, _codes_grad: object):
         x, src, aff = ctx.saved_tensors
-        qmin, qmax, rule, grad_scale, in_place = ctx.constants
-        grad_x, grad_src = _grid_backward(grad, x, aff, src, qmin, qmax, rule, grad_scale, in_place)
+        grad_x, grad_src = _grid_backward(grad, x, aff, src, *ctx.constants)
         if grad_src is not None and ctx.needs_input_grad[1]:
             grad_src = grad_src.to(src.dtype).reshape(src.shape)
         else:
@@ -175,27 +174,27 @@ def _(x, src, divisor, min_src, qmin, qmax, rule, grad_scale):
 
 
 @torch.library.custom_op("qrun::grid_quantize_backward", mutates_args=())
-def _grid_backward_op(grad: Tensor, x: Tensor, aff: Tensor, src: Tensor, qmin: int, qmax: int, rule: int,
-                      grad_scale: float) -> tuple[Tensor, Tensor]:
-    grad_x, grad_src = _grid_backward(grad, x, aff, src, qmin, qmax, rule, grad_scale, False)
+def _grid_backward_op(grad: Tensor, x: Tensor, aff: Tensor, src: Tensor, divisor: float, min_src: float, qmin: int,
+                      qmax: int, rule: int, grad_scale: float) -> tuple[Tensor, Tensor]:
+    grad_x, grad_src = _grid_backward(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale, False)
     return grad_x, (torch.zeros((), dtype=torch.float32, device=x.device) if grad_src is None else grad_src)
 
 
 @_grid_backward_op.register_fake
-def _(grad, x, aff, src, qmin, qmax, rule, grad_scale):
+def _(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale):
     return torch.empty_like(grad), grad.new_empty((), dtype=torch.float32)
 
 
 def _grid_setup(ctx, inputs, output) -> None:
-    x, src, _, _, qmin, qmax, rule, grad_scale = inputs
+    x, src, *constants = inputs
     ctx.save_for_backward(x, src, output[1])
-    ctx.constants = (qmin, qmax, rule, grad_scale)
+    ctx.constants = tuple(constants)
 
 
 def _grid_op_backward(ctx, grad: Tensor, _aff_grad: Tensor):
     x, src, aff = ctx.saved_tensors
-    qmin, qmax, rule, grad_scale = ctx.constants
-    grad_x, grad_src = torch.ops.qrun.grid_quantize_backward(grad, x, aff, src, qmin, qmax, rule, grad_scale)
+    rule = ctx.constants[4]
+    grad_x, grad_src = torch.ops.qrun.grid_quantize_backward(grad, x, aff, src, *ctx.constants)
     grad_src = grad_src.to(src.dtype).reshape(src.shape) if rule != GRID_PLAIN and ctx.needs_input_grad[1] else None
     return grad_x, grad_src, None, None, None, None, None, None
 

@@ -119,8 +119,8 @@ def _decode_kernel(codes_ptr, y_ptr, aff_ptr, n, code_shift, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, src_ptr, part_ptr, n, qmin, qmax,
-                          RULE: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, src_ptr, part_ptr, n, qmin, qmax, min_src, lo_ratio,
+                          hi_ratio, RULE: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -140,7 +140,10 @@ def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, src_ptr, part_ptr, n, q
         else:
             s1 = s0 * 0.0
     else:
-        gx = tl.where((x >= qmin * step) & (x <= qmax * step), g, 0.0)
+        # The clip range [qmin, qmax] * step as src * (qmin / divisor) ...: exactly +-src when the grid's top
+        # level is src itself (uniform's range and max|W|), so the element that set the range keeps its gradient.
+        src = tl.maximum(tl.load(src_ptr).to(tl.float32), min_src)
+        gx = tl.where((x >= src * lo_ratio) & (x <= src * hi_ratio), g, 0.0)
         if RULE == 1:  # LSQ: sum g q and sum g_inside x
             q = _levels(x, tl.math.div_rn(1.0, step), 0.0, qmin, qmax, False)
             s0 = tl.sum(g * q, axis=0)
@@ -332,15 +335,15 @@ def decode(codes: torch.Tensor, aff: torch.Tensor, shift: int, dtype: torch.dtyp
     return y
 
 
-def grid_backward(grad: torch.Tensor, x: torch.Tensor, aff: torch.Tensor, src: torch.Tensor, qmin: int, qmax: int,
-                  rule: int, grad_scale: float, in_place: bool):
+def grid_backward(grad: torch.Tensor, x: torch.Tensor, aff: torch.Tensor, src: torch.Tensor, divisor: float,
+                  min_src: float, qmin: int, qmax: int, rule: int, grad_scale: float, in_place: bool):
     """(grad_x, gradient of src or None)."""
     n = x.numel()
     blocks = _programs(n)
     grad_x = grad if in_place else torch.empty_like(grad)
     partials = torch.empty(2 * blocks if rule else 1, dtype=torch.float32, device=x.device)
     _launch(_grid_backward_kernel, blocks, grad, x, grad_x, aff, src, partials, n, float(qmin), float(qmax),
-            RULE=rule, SIGNED=qmin < 0, BLOCK=BLOCK)
+            float(min_src), qmin / divisor, qmax / divisor, RULE=rule, SIGNED=qmin < 0, BLOCK=BLOCK)
     if rule == GRID_PLAIN:
         return grad_x, None
     grad_src = torch.empty((), dtype=torch.float32, device=x.device)
