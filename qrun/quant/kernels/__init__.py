@@ -28,7 +28,7 @@ from qrun.errors import QrunError
 from qrun.quant.kernels.cpu import ENV_SWITCH, PARALLEL_MIN, SOURCE, Sums, dense, library, threads, usable
 
 __all__ = ["BACKENDS", "ENV_SWITCH", "PARALLEL_MIN", "SOURCE", "Sums", "backend", "dense", "device_path",
-           "library", "set_backend", "threads", "triton_usable", "usable"]
+           "library", "set_backend", "threads", "triton_device", "triton_usable", "usable"]
 
 BACKEND_ENV = "QRUN_BACKEND"
 BACKENDS = ("auto", "triton", "tensor")
@@ -79,15 +79,19 @@ def _same_dense_layout(tensors: tuple[torch.Tensor, ...]) -> bool:
     return all(t.shape == first.shape and t.stride() == first.stride() for t in tensors[1:])
 
 
-def triton_usable(*tensors: torch.Tensor) -> bool:
-    """The Triton kernels can take these tensors: same dense layout, a float type they compute in fp32, and a
-    device Triton runs on (CUDA, or CPU under the interpreter when QRUN_BACKEND=triton)."""
-    first = tensors[0]
-    if _forced == "tensor" or first.dtype not in TRITON_DTYPES or not _same_dense_layout(tensors):
+def triton_device(device: torch.device, dtype: torch.dtype) -> bool:
+    """Triton runs on `device` for `dtype`: CUDA, or CPU under the interpreter when QRUN_BACKEND=triton."""
+    if _forced == "tensor" or dtype not in TRITON_DTYPES:
         return False
-    if first.is_cuda:
+    if device.type == "cuda":
         return _triton_importable()
-    return _forced == "triton" and first.device.type == "cpu" and _interpreting() and _triton_importable()
+    return _forced == "triton" and device.type == "cpu" and _interpreting() and _triton_importable()
+
+
+def triton_usable(*tensors: torch.Tensor) -> bool:
+    """The Triton kernels can take these tensors: same dense layout, a float type they compute in fp32 (bf16 and
+    fp16 are widened on load), on a device Triton runs on."""
+    return triton_device(tensors[0].device, tensors[0].dtype) and _same_dense_layout(tensors)
 
 
 def backend(x: torch.Tensor) -> str:

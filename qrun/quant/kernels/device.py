@@ -81,7 +81,7 @@ def _dorefa_backward(grad: Tensor, t: Tensor, peak: Tensor) -> Tensor:
 
 def decode(codes: Tensor, aff: Tensor, shift: int, dtype: torch.dtype) -> Tensor:
     """The forward output back from its codes, bit-exactly: level * aff[0] + aff[1]."""
-    if kernels.triton_usable(torch.empty(0, dtype=dtype, device=codes.device)):
+    if kernels.triton_device(codes.device, dtype):
         return _triton().decode(codes, aff, shift, dtype)
     return torch.add(codes.float(), shift).mul_(aff[0]).add_(aff[1]).to(dtype)
 
