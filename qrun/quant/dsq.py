@@ -147,10 +147,10 @@ def _reference_grid(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, l
 
 def dsq_reference_forward(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
                           code_shift: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
-    """(Q(x) = l + Delta q, int8 codes q - code_shift or None, [Delta, l])."""
-    q, lo, _, delta, _ = _reference_grid(x, lower, upper, levels)
+    """(Q(x) = l + Delta q, int8 codes q - code_shift or None, [Delta, l, l, u])."""
+    q, lo, hi, delta, _ = _reference_grid(x, lower, upper, levels)
     codes = None if code_shift is None else torch.sub(q, code_shift).to(torch.int8)
-    return torch.mul(q, delta).add_(lo).to(x.dtype), codes, torch.stack([delta, lo])
+    return torch.mul(q, delta).add_(lo).to(x.dtype), codes, torch.stack([delta, lo, lo, hi])
 
 
 def dsq_reference_backward(grad: torch.Tensor, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,

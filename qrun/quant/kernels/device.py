@@ -25,6 +25,9 @@ __all__ = ["GRID_LSQ", "GRID_PACT", "GRID_PLAIN", "decode", "dorefa_weight", "ds
            "ema_update", "grid_quantize"]
 
 
+AFFINE = 4  # [scale, offset, clip low, clip high]: what a forward hands its backward and its codes' decode
+
+
 def _triton():
     from qrun.quant.kernels import triton_backend
 
@@ -47,11 +50,11 @@ def _levels_forward(x: Tensor, src: Tensor, hi: Optional[Tensor], divisor: float
     return grid_reference_forward(x, src, divisor, min_src, qmin, qmax, code_shift)
 
 
-def _grid_backward(grad: Tensor, x: Tensor, aff: Tensor, src: Tensor, divisor: float, min_src: float, qmin: int,
-                   qmax: int, rule: int, grad_scale: float, in_place: bool):
+def _grid_backward(grad: Tensor, x: Tensor, aff: Tensor, qmin: int, qmax: int, rule: int, grad_scale: float,
+                   in_place: bool):
     if kernels.triton_usable(x, grad):
-        return _triton().grid_backward(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale, in_place)
-    return grid_reference_backward(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale)
+        return _triton().grid_backward(grad, x, aff, qmin, qmax, rule, grad_scale, in_place)
+    return grid_reference_backward(grad, x, aff, qmin, qmax, rule, grad_scale)
 
 
 def _dsq_backward(grad: Tensor, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, levels: int, in_place: bool):
@@ -113,16 +116,18 @@ class _GridFunction(Function):
                 grad_scale: float, compact: bool, grad_in_place: bool):
         shift = int8_shift(qmin, qmax) if compact else None
         y, codes, aff = _levels_forward(x, src, None, divisor, min_src, qmin, qmax, shift, dsq=False)
-        ctx.save_for_backward(x, src, aff)
-        ctx.constants = (divisor, min_src, qmin, qmax, rule, grad_scale, grad_in_place)
+        # src itself is not saved: uniform's range moves in place each step; aff holds what backward needs.
+        ctx.save_for_backward(x, aff)
+        ctx.constants = (qmin, qmax, rule, grad_scale, grad_in_place)
+        ctx.src_meta = (src.dtype, src.shape)
         return y, (None if codes is None else Codes(codes, 1.0, 0.0, x.dtype, shift, affine=aff))
 
     @staticmethod
     def backward(ctx, grad: Tensor, _codes_grad: object):
-        x, src, aff = ctx.saved_tensors
-        grad_x, grad_src = _grid_backward(grad, x, aff, src, *ctx.constants)
+        x, aff = ctx.saved_tensors
+        grad_x, grad_src = _grid_backward(grad, x, aff, *ctx.constants)
         if grad_src is not None and ctx.needs_input_grad[1]:
-            grad_src = grad_src.to(src.dtype).reshape(src.shape)
+            grad_src = grad_src.to(ctx.src_meta[0]).reshape(ctx.src_meta[1])
         else:
             grad_src = None
         return grad_x, grad_src, None, None, None, None, None, None, None, None
@@ -170,32 +175,34 @@ def _grid_op(x: Tensor, src: Tensor, divisor: float, min_src: float, qmin: int, 
 
 @_grid_op.register_fake
 def _(x, src, divisor, min_src, qmin, qmax, rule, grad_scale):
-    return torch.empty_like(x), x.new_empty(2, dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(AFFINE, dtype=torch.float32)
 
 
 @torch.library.custom_op("qrun::grid_quantize_backward", mutates_args=())
-def _grid_backward_op(grad: Tensor, x: Tensor, aff: Tensor, src: Tensor, divisor: float, min_src: float, qmin: int,
-                      qmax: int, rule: int, grad_scale: float) -> tuple[Tensor, Tensor]:
-    grad_x, grad_src = _grid_backward(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale, False)
+def _grid_backward_op(grad: Tensor, x: Tensor, aff: Tensor, qmin: int, qmax: int, rule: int,
+                      grad_scale: float) -> tuple[Tensor, Tensor]:
+    grad_x, grad_src = _grid_backward(grad, x, aff, qmin, qmax, rule, grad_scale, False)
     return grad_x, (torch.zeros((), dtype=torch.float32, device=x.device) if grad_src is None else grad_src)
 
 
 @_grid_backward_op.register_fake
-def _(grad, x, aff, src, divisor, min_src, qmin, qmax, rule, grad_scale):
+def _(grad, x, aff, qmin, qmax, rule, grad_scale):
     return torch.empty_like(grad), grad.new_empty((), dtype=torch.float32)
 
 
 def _grid_setup(ctx, inputs, output) -> None:
-    x, src, *constants = inputs
-    ctx.save_for_backward(x, src, output[1])
-    ctx.constants = tuple(constants)
+    x, src, _, _, qmin, qmax, rule, grad_scale = inputs
+    ctx.save_for_backward(x, output[1])
+    ctx.constants = (qmin, qmax, rule, grad_scale)
+    ctx.src_meta = (src.dtype, src.shape)
 
 
 def _grid_op_backward(ctx, grad: Tensor, _aff_grad: Tensor):
-    x, src, aff = ctx.saved_tensors
-    rule = ctx.constants[4]
-    grad_x, grad_src = torch.ops.qrun.grid_quantize_backward(grad, x, aff, src, *ctx.constants)
-    grad_src = grad_src.to(src.dtype).reshape(src.shape) if rule != GRID_PLAIN and ctx.needs_input_grad[1] else None
+    x, aff = ctx.saved_tensors
+    rule = ctx.constants[2]
+    grad_x, grad_src = torch.ops.qrun.grid_quantize_backward(grad, x, aff, *ctx.constants)
+    grad_src = (grad_src.to(ctx.src_meta[0]).reshape(ctx.src_meta[1])
+                if rule != GRID_PLAIN and ctx.needs_input_grad[1] else None)
     return grad_x, grad_src, None, None, None, None, None, None
 
 
@@ -210,7 +217,7 @@ def _dsq_op(x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, levels: int)
 
 @_dsq_op.register_fake
 def _(x, lower, upper, alpha, levels):
-    return torch.empty_like(x), x.new_empty(2, dtype=torch.float32)
+    return torch.empty_like(x), x.new_empty(AFFINE, dtype=torch.float32)
 
 
 @torch.library.custom_op("qrun::dsq_quantize_backward", mutates_args=())

@@ -2,7 +2,7 @@
 
 Why: on CUDA an eager quantizer is a chain of small kernels and each `.item()` a host sync that drains the launch
 queue. Here a forward is one kernel (levels, output, 1-byte codes, and the affine map [scale, offset] it used,
-which backward and the codes' decode reuse), a backward one kernel writing the input gradient and per-block
+and clip range it used, which backward and the codes' decode reuse), a backward one kernel writing the input gradient and per-block
 partial sums, then one single-program kernel that reduces them into the learned parameters' gradients.
 
 Floating-point contract (what the tests hold the kernels to, against the eager tensor reference): every input is
@@ -66,8 +66,10 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _affine_of(src_ptr, hi_ptr, divisor, min_src, levels, DSQ: tl.constexpr):
-    """(scale, inverse scale, floor shift, offset): grid step = max(src, min_src) / divisor; DSQ Delta = (u - l)/n."""
+def _affine_of(src_ptr, hi_ptr, divisor, min_src, levels, lo_ratio, hi_ratio, DSQ: tl.constexpr):
+    """(scale, inverse scale, floor shift, offset, clip low, clip high): a grid's step = max(src, min_src) / divisor
+    and clip range src * (qmin / divisor) .. src * (qmax / divisor) (exactly +-src when the top level is src:
+    uniform's range and max|W|, PACT's alpha); DSQ's Delta = (u - l) / n and clip range [l, u]."""
     if DSQ:
         lo = tl.load(src_ptr).to(tl.float32)
         hi = tl.load(hi_ptr).to(tl.float32)
@@ -76,11 +78,14 @@ def _affine_of(src_ptr, hi_ptr, divisor, min_src, levels, DSQ: tl.constexpr):
         shift = 0.5 - tl.math.div_rn(lo, scale)
         offset = lo
     else:
-        scale = tl.math.div_rn(tl.maximum(tl.load(src_ptr).to(tl.float32), min_src), divisor)
+        src = tl.maximum(tl.load(src_ptr).to(tl.float32), min_src)
+        scale = tl.math.div_rn(src, divisor)
         inv = tl.math.div_rn(1.0, scale)
         shift = 0.0
         offset = scale * 0.0
-    return scale, inv, shift, offset
+        lo = src * lo_ratio
+        hi = src * hi_ratio
+    return scale, inv, shift, offset, lo, hi
 
 
 @triton.jit
@@ -94,12 +99,15 @@ def _levels(x, inv, shift, qmin, qmax, DSQ: tl.constexpr):
 
 @triton.jit
 def _forward_kernel(x_ptr, y_ptr, codes_ptr, src_ptr, hi_ptr, aff_ptr, n, divisor, min_src, qmin, qmax, code_shift,
-                    DSQ: tl.constexpr, CODES: tl.constexpr, BLOCK: tl.constexpr):
+                    lo_ratio, hi_ratio, DSQ: tl.constexpr, CODES: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    scale, inv, shift, offset = _affine_of(src_ptr, hi_ptr, divisor, min_src, qmax, DSQ)
-    if pid == 0:
+    scale, inv, shift, offset, clip_lo, clip_hi = _affine_of(src_ptr, hi_ptr, divisor, min_src, qmax, lo_ratio,
+                                                             hi_ratio, DSQ)
+    if pid == 0:  # what backward and the codes' decode reuse: [scale, offset, clip low, clip high]
         tl.store(aff_ptr, scale)
         tl.store(aff_ptr + 1, offset)
+        tl.store(aff_ptr + 2, clip_lo)
+        tl.store(aff_ptr + 3, clip_hi)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -119,31 +127,25 @@ def _decode_kernel(codes_ptr, y_ptr, aff_ptr, n, code_shift, BLOCK: tl.constexpr
 
 
 @triton.jit
-def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, src_ptr, part_ptr, n, qmin, qmax, min_src, lo_ratio,
-                          hi_ratio, RULE: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, part_ptr, n, qmin, qmax,
+                          RULE: tl.constexpr, SIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     step = tl.load(aff_ptr)
+    lo = tl.load(aff_ptr + 2)
+    hi = tl.load(aff_ptr + 3)
     if RULE == 2:  # PACT: pass inside [lo, alpha), alpha collects x >= alpha (and -(x <= -alpha) when signed)
-        a = tl.load(src_ptr).to(tl.float32)
+        gx = tl.where((x >= lo) & (x < hi), g, 0.0)
+        s0 = tl.sum(tl.where(x >= hi, g, 0.0), axis=0)
         if SIGNED:
-            lo = -a
-        else:
-            lo = a * 0.0
-        gx = tl.where((x >= lo) & (x < a), g, 0.0)
-        s0 = tl.sum(tl.where(x >= a, g, 0.0), axis=0)
-        if SIGNED:
-            s1 = tl.sum(tl.where(x <= -a, g, 0.0), axis=0)
+            s1 = tl.sum(tl.where(x <= lo, g, 0.0), axis=0)
         else:
             s1 = s0 * 0.0
     else:
-        # The clip range [qmin, qmax] * step as src * (qmin / divisor) ...: exactly +-src when the grid's top
-        # level is src itself (uniform's range and max|W|), so the element that set the range keeps its gradient.
-        src = tl.maximum(tl.load(src_ptr).to(tl.float32), min_src)
-        gx = tl.where((x >= src * lo_ratio) & (x <= src * hi_ratio), g, 0.0)
+        gx = tl.where((x >= lo) & (x <= hi), g, 0.0)
         if RULE == 1:  # LSQ: sum g q and sum g_inside x
             q = _levels(x, tl.math.div_rn(1.0, step), 0.0, qmin, qmax, False)
             s0 = tl.sum(g * q, axis=0)
@@ -321,11 +323,11 @@ def levels_forward(x: torch.Tensor, src: torch.Tensor, hi: Optional[torch.Tensor
     """(y, int8 codes or None, affine [scale, offset]): a grid (src = step source) or DSQ (src = l, hi = u)."""
     y = torch.empty_like(x)
     codes = torch.empty_like(x, dtype=torch.int8) if code_shift is not None else None
-    aff = torch.empty(2, dtype=torch.float32, device=x.device)
+    aff = torch.empty(4, dtype=torch.float32, device=x.device)
     n = x.numel()
     _launch(_forward_kernel, _programs(n), x, y, codes if codes is not None else y, src,
             hi if hi is not None else src, aff, n, float(divisor), float(min_src), float(qmin), float(qmax),
-            float(code_shift or 0), DSQ=dsq, CODES=codes is not None, BLOCK=BLOCK)
+            float(code_shift or 0), qmin / divisor, qmax / divisor, DSQ=dsq, CODES=codes is not None, BLOCK=BLOCK)
     return y, codes, aff
 
 
@@ -335,15 +337,15 @@ def decode(codes: torch.Tensor, aff: torch.Tensor, shift: int, dtype: torch.dtyp
     return y
 
 
-def grid_backward(grad: torch.Tensor, x: torch.Tensor, aff: torch.Tensor, src: torch.Tensor, divisor: float,
-                  min_src: float, qmin: int, qmax: int, rule: int, grad_scale: float, in_place: bool):
+def grid_backward(grad: torch.Tensor, x: torch.Tensor, aff: torch.Tensor, qmin: int, qmax: int, rule: int,
+                  grad_scale: float, in_place: bool):
     """(grad_x, gradient of src or None)."""
     n = x.numel()
     blocks = _programs(n)
     grad_x = grad if in_place else torch.empty_like(grad)
     partials = torch.empty(2 * blocks if rule else 1, dtype=torch.float32, device=x.device)
-    _launch(_grid_backward_kernel, blocks, grad, x, grad_x, aff, src, partials, n, float(qmin), float(qmax),
-            float(min_src), qmin / divisor, qmax / divisor, RULE=rule, SIGNED=qmin < 0, BLOCK=BLOCK)
+    _launch(_grid_backward_kernel, blocks, grad, x, grad_x, aff, partials, n, float(qmin), float(qmax),
+            RULE=rule, SIGNED=qmin < 0, BLOCK=BLOCK)
     if rule == GRID_PLAIN:
         return grad_x, None
     grad_src = torch.empty((), dtype=torch.float32, device=x.device)
