@@ -41,7 +41,8 @@ def _checked(name: str) -> str:
     return name
 
 
-_forced = _checked(os.environ.get(BACKEND_ENV, "auto") or "auto")
+# Checked on first use, not at import: a bad value then surfaces as a one-line `qrun: error`, not a traceback.
+_forced = os.environ.get(BACKEND_ENV, "auto") or "auto"
 
 
 def set_backend(name: str) -> None:
@@ -51,12 +52,14 @@ def set_backend(name: str) -> None:
 
 
 def forced() -> str:
-    return _forced
+    return _checked(_forced)
 
 
 def device_path(x: torch.Tensor) -> bool:
     """True when a quantizer must keep its scalars on the device: CUDA tensors, torch.compile, or forced."""
-    return x.is_cuda or _forced != "auto" or torch.compiler.is_compiling()
+    if _forced == "auto":
+        return x.is_cuda or torch.compiler.is_compiling()
+    return bool(_checked(_forced))
 
 
 @lru_cache(maxsize=None)
