@@ -70,7 +70,7 @@ def check_compiled_equals_eager(name: str, dev: str, backend: str) -> None:
     initialize_from_data(model, [data[0][0]])
     explained, compiled_model = copy.deepcopy(model), copy.deepcopy(model)
     for copied in (explained, compiled_model):
-        initialize_from_data(copied, [])  # a deep copy starts with cold host caches, as a loaded model does
+        initialize_from_data(copied, [])  # nothing left to calibrate: refreshes the host caches, as the trainer does
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(lambda x: explained(x).sum())(data[0][0])

@@ -80,8 +80,8 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._ready = False
-        self._flags = {}
+        # Read the loaded flags now, at load time: a resumed run's (compiled) training step then reads none.
+        self.refresh_host_state()
 
     def ensure_initialized(self, x: torch.Tensor) -> None:
         """Used without a calibration pass (a unit test, init_batches=0): initialise once from this tensor.
