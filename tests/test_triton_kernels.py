@@ -308,3 +308,17 @@ def test_a_nan_stays_nan_when_stored_as_bfloat16(dev: str) -> None:
     with backend(triton_name(dev)):
         y = device.decode(codes, aff, 0, torch.bfloat16)
     assert y.isnan().all(), y
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_custom_ops_fake_implementations_match_the_triton_outputs(dtype: torch.dtype, dev: str) -> None:
+    """torch.compile plans buffers from the fake outputs: dtype and strides must be what the kernels return."""
+    x = torch.randn(2, 4, 5, 5, dtype=dtype).to(dev).contiguous(memory_format=torch.channels_last)
+    scalar = lambda v: torch.tensor(v, device=dev)  # noqa: E731
+    cases = [(torch.ops.qrun.grid_quantize, (x, scalar(1.5), 7.0, -float("inf"), 0, 7, 1, 0.1)),
+             (torch.ops.qrun.dsq_quantize, (x, scalar(-1.0), scalar(1.0), scalar(0.2), 15)),
+             (torch.ops.qrun.dorefa_weight, (torch.randn(4, 3, 3, 3, dtype=dtype).to(dev), 15))]
+    with backend(triton_name(dev)):
+        for op, args in cases:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
