@@ -1,4 +1,4 @@
-"""Hydra callbacks: a one-screen summary of a sweep when the multirun ends."""
+"""Hydra callbacks: a one-screen summary of a sweep when the multirun ends, and which of its jobs failed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,26 @@ from omegaconf import DictConfig
 from qrun.errors import QrunError
 
 log = logging.getLogger("qrun")
+# Job folders of the last multirun in this process that did not finish; the CLI exits 1 when there are any.
+_FAILED: list[str] = []
+
+
+def reset_sweep_outcome() -> None:
+    _FAILED.clear()
+
+
+def failed_jobs() -> list[str]:
+    return list(_FAILED)
+
+
+def sweep_job_dirs(config: DictConfig) -> list[Path]:
+    """The folders of this invocation's jobs (not older jobs of the same sweep folder), as the launcher names them."""
+    from qrun.naming import job_name
+    from qrun.preflight import expand_sweep
+
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
+    return [sweep_dir / job_name(job, excluded) for job in expand_sweep(list(config.hydra.overrides.task))]
 
 
 class SweepSummary(Callback):
@@ -39,6 +59,10 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         rows = build_rows(collect_jobs(sweep_dir))
+        mine = {str(path.relative_to(sweep_dir)) if path != sweep_dir else sweep_dir.name
+                for path in sweep_job_dirs(config)}
+        by_job = {row["job"]: row["status"] for row in rows}
+        _FAILED[:] = sorted(job for job in mine if by_job.get(job) != "finished")
         lines = []
         for row in rows:
             top1 = f"top1 {row['top1']:.2f}" if row["top1"] is not None else ""
