@@ -87,8 +87,11 @@ def remove_if_unused(folder: Path) -> None:
     hydra_only = all(e.name == ".hydra" and e.is_dir() or e.suffix == ".log" and e.is_file() for e in entries)
     if hydra_only and all(p.suffix == ".yaml" for p in (folder / ".hydra").glob("*")):
         shutil.rmtree(folder, ignore_errors=True)
-        parent = folder.parent  # outputs/<date>/ when this was its only run
-        if parent.name and parent.is_dir() and not any(parent.iterdir()):
+        # Then outputs/<date>/ and outputs/ when this run made them: empty folders below the working directory.
+        cwd = Path.cwd().resolve()
+        for parent in folder.resolve().parents:
+            if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
+                break
             parent.rmdir()
 
 

@@ -8,6 +8,7 @@ expands it), turns Hydra's and OmegaConf's multi-line composition errors into on
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -44,7 +45,8 @@ def preflight(argv: list[str]) -> None:
         for overrides in jobs:
             cfg = compose_or_refuse(args.config_name or "config", overrides)
             if args.cfg is None:  # --cfg only prints the config: composing is all it needs
-                check_job(cfg, multirun=bool(args.multirun), where=_job_label(overrides) if args.multirun else "")
+                check_job(cfg, sweep=list(args.overrides) if args.multirun else None,
+                          where=_job_label(overrides) if args.multirun else "")
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -68,37 +70,56 @@ def compose_or_refuse(config_name: str, overrides: list[str]) -> DictConfig:
         raise QrunError(_composition_error(error, overrides)) from None
 
 
-def check_job(cfg: DictConfig, multirun: bool = False, where: str = "") -> None:
-    """validate(), Hydra's folders and launcher, and any checkpoint the job will read."""
+def check_job(cfg: DictConfig, sweep: Optional[list[str]] = None, where: str = "") -> None:
+    """validate(), Hydra's folders and launcher, and any checkpoint the job will read.
+
+    `sweep`: the command line's overrides of a multirun, sweep syntax intact (the job itself sees one value).
+    """
     try:
         job = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
         validate(job)
-        check_hydra(cfg, multirun)
+        check_hydra(cfg, sweep)
+        typed_options = explicit_model_options(cfg)
         if job.get("resume"):
-            check_checkpoint("resume", job.resume, job, "train" if mode_name(job) == "train" else "weights")
+            check_checkpoint("resume", job.resume, job, "train" if mode_name(job) == "train" else "weights",
+                             typed_options)
         if job.get("init_from"):
-            check_checkpoint("init_from", job.init_from, job, "weights")
+            check_checkpoint("init_from", job.init_from, job, "weights", typed_options)
     except QrunError as error:
         raise QrunError(f"{error} (job {where})" if where else str(error)) from None
     except OmegaConfBaseException as error:  # an interpolation that does not resolve, a missing `???` value
         raise QrunError(one_line(error) + (f" (job {where})" if where else "")) from None
 
 
-def check_hydra(cfg: DictConfig, multirun: bool) -> None:
+def check_hydra(cfg: DictConfig, sweep: Optional[list[str]]) -> None:
+    if sweep is not None:
+        check_swept_keys(cfg, sweep)
     launcher = cfg.hydra.get("launcher")
     if launcher is not None and "n_jobs" in launcher:
         n_jobs = launcher.n_jobs
         if n_jobs is not None and (isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0):
             raise QrunError(f"hydra.launcher.n_jobs={n_jobs} is invalid; accepted: a positive number of parallel "
                             "jobs, or -1 (one per core), -2 (all cores but one), ...")
-    if multirun:
+    if sweep is not None:
         check_writable_dir("hydra.sweep.dir", cfg.hydra.sweep.dir)
     elif not cfg.get("output_dir"):
         check_writable_dir("hydra.run.dir", cfg.hydra.run.dir)
 
 
+def check_swept_keys(cfg: DictConfig, sweep: list[str]) -> None:
+    """A key left out of the job folder names cannot be swept: its jobs would share (and skip) one folder."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    parsed = OverridesParser.create().parse_overrides(sweep)
+    clashing = sorted(o.key_or_group for o in parsed if o.is_sweep_override() and o.key_or_group in excluded)
+    if clashing:
+        raise QrunError(f"cannot sweep {', '.join(clashing)}: left out of job folder names, so its jobs would "
+                        f"share one folder; accepted: sweep any key except {', '.join(sorted(excluded))}")
+
+
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str) -> None:
+def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str, typed_options: bool = False) -> None:
     """A checkpoint that cannot serve `use` is refused here in one line, before the model and data are built."""
     import torch
 
@@ -112,8 +133,12 @@ def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str) -> None:
     if path.stat().st_size == 0:
         raise QrunError(f"{key}: checkpoint {path} is empty (0 bytes, a write that never finished?); pass another")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
+        # mmap: a big checkpoint is not read twice (here and in the trainer); only zip-format files can be mapped.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):  # not a pickle at all: "invalid load key"
+            raise QrunError(f"{key}: cannot read checkpoint {path}, truncated or not a torch file "
+                            f"({one_line(error)[:120]})") from None
         raise QrunError(f"{key}: {path} holds Python objects that a weights-only load refuses to run (not a qrun "
                         "checkpoint, or a malicious file); nothing in it was executed") from None
     except Exception as error:  # zip or pickle damage: a truncated copy, a foreign file
@@ -127,10 +152,10 @@ def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str) -> None:
     if missing:
         raise QrunError(f"{key}: checkpoint {path} lacks {', '.join(map(repr, missing))} (a partial or hand-made "
                         "file); pass a checkpoint that qrun wrote")
-    _check_same_network(key, path, payload, cfg)
+    _check_same_network(key, path, payload, cfg, typed_options)
 
 
-def _check_same_network(key: str, path: Path, payload: dict, cfg: DictConfig) -> None:
+def _check_same_network(key: str, path: Path, payload: dict, cfg: DictConfig, typed_options: bool) -> None:
     """Same model name but other widths (model.options) would fail deep inside load_state_dict: say it here."""
     saved = payload.get("config") or {}
     saved_model = saved.get("model") or {}
@@ -138,13 +163,16 @@ def _check_same_network(key: str, path: Path, payload: dict, cfg: DictConfig) ->
         return  # another network altogether: the trainer names that difference
     ours = OmegaConf.to_container(cfg.model.options, resolve=True)
     theirs = saved_model.get("options") or {}
-    if key == "init_from" or explicit_model_options(cfg):
+    # init_from= always builds the configured network; resume= may take the network from the checkpoint, so
+    # only model.options typed on this command line can contradict it.
+    if key == "init_from" or typed_options:
         if _normalised(ours) != _normalised(theirs):
             raise QrunError(f"{key}: checkpoint {path} is a {cfg.model.name} with model.options={_flow(theirs)}, "
                             f"the config has model.options={_flow(ours)}; pass the same model.options")
 
 
 def explicit_model_options(cfg: DictConfig) -> bool:
+    """Whether this command line sets model.options (cfg: composed with its hydra node)."""
     overrides = cfg.hydra.overrides.task if "hydra" in cfg else []
     return any(str(o).lstrip("+~").startswith("model.options") for o in overrides)
 
@@ -158,7 +186,12 @@ def _normalised(value: Any) -> Any:
 
 
 def _flow(value: Any) -> str:
-    return OmegaConf.to_yaml(OmegaConf.create({"v": value})).strip()[3:].strip() if value else "{}"
+    """A value as one would type it in an override: {widths:[8,16]}."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_flow(v) for v in value) + "]"
+    return str(value)
 
 
 # ------------------------------------------------------------------------------------------------ error messages

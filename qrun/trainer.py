@@ -28,7 +28,8 @@ from qrun.errors import QrunError
 from qrun.int8 import modes as int8_modes
 from qrun.models import get_model
 from qrun.optim import build_optimizer, build_scheduler
-from qrun.tb import Logger
+from qrun.results import read_results
+from qrun.tb import Logger, hparams_of
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -203,6 +204,7 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
+    logger.hparams(hparams_of(cfg))
     metrics: dict[str, float] = dict(state.history[-1]) if state.history else {}
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -352,7 +354,9 @@ def finished_results(context: RunContext) -> Optional[dict[str, Any]]:
     path = context.output_dir / RESULTS_FILE
     if cfg.resume or not cfg.auto_resume or not path.is_file():
         return None
-    results = json.loads(path.read_text())
+    results = read_results(path)  # an empty or corrupt file: a warning, then "not finished"
+    if results is None:
+        return None
     done = results.get("status") == "finished" and results.get("mode") == "train"
     return results if done and results.get("epoch", 0) >= cfg.epochs else None
 
