@@ -135,12 +135,10 @@ def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str, typed_opti
     try:
         # mmap: a big checkpoint is not read twice (here and in the trainer); only zip-format files can be mapped.
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):  # not a pickle at all: "invalid load key"
-            raise QrunError(f"{key}: cannot read checkpoint {path}, truncated or not a torch file "
-                            f"({one_line(error)[:120]})") from None
-        raise QrunError(f"{key}: {path} holds Python objects that a weights-only load refuses to run (not a qrun "
-                        "checkpoint, or a malicious file); nothing in it was executed") from None
+    except pickle.UnpicklingError:
+        # torch's weights-only unpickler refuses any object it does not know, a shell command as much as text.
+        raise QrunError(f"{key}: {path} is not a checkpoint that a weights-only load accepts (a foreign, damaged "
+                        "or malicious file; nothing in it was executed); pass a checkpoint that qrun wrote") from None
     except Exception as error:  # zip or pickle damage: a truncated copy, a foreign file
         raise QrunError(f"{key}: cannot read checkpoint {path}, truncated or not a torch file "
                         f"({type(error).__name__}: {one_line(error)[:120]})") from None

@@ -196,10 +196,10 @@ CASES: list[tuple[str, str]] = [
     ("init_from={ck}/empty.pt", "init_from: checkpoint {ck}/empty.pt is empty"),
     ("resume={ck}/truncated.pt", "resume: cannot read checkpoint {ck}/truncated.pt, truncated or not a torch file"),
     ("mode=evaluate resume={ck}/truncated.pt", "cannot read checkpoint {ck}/truncated.pt"),
-    ("resume={ck}/text.pt", "cannot read checkpoint {ck}/text.pt, truncated or not a torch file"),
-    ("resume={ck}/malicious.pt", "resume: {ck}/malicious.pt holds Python objects that a weights-only load refuses "
-                                 "to run"),
-    ("init_from={ck}/malicious_raw.pkl", "init_from: {ck}/malicious_raw.pkl holds Python objects"),
+    ("resume={ck}/text.pt", "resume: {ck}/text.pt is not a checkpoint that a weights-only load accepts"),
+    ("resume={ck}/malicious.pt", "resume: {ck}/malicious.pt is not a checkpoint that a weights-only load accepts "
+                                 "(a foreign, damaged or malicious file; nothing in it was executed)"),
+    ("init_from={ck}/malicious_raw.pkl", "init_from: {ck}/malicious_raw.pkl is not a checkpoint that a weights-only"),
     ("resume={ck}/foreign.pt", "resume: {ck}/foreign.pt is not a qrun checkpoint (format 1); it holds ['fc.bias'"),
     ("resume={ck}/tensor.pt", "is not a qrun checkpoint (format 1); it holds Tensor"),
     ("resume={ck}/future.pt", "{ck}/future.pt is not a qrun checkpoint (format 1)"),
