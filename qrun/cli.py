@@ -28,6 +28,8 @@ log = logging.getLogger("qrun")
 # Disk full, permission denied, read-only filesystem, quota: the user's to fix, so one line naming the path.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT)
 RESULTS_FILE = "results.json"  # = qrun.trainer.RESULTS_FILE, without importing torch
+# Run folders that existed before this command (from preflight): a refusal removes only folders it created.
+_EXISTING_RUN_DIRS: set[str] = set()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="config")
@@ -81,14 +83,16 @@ def _run_dir() -> Path:
 
 def remove_if_unused(folder: Path) -> None:
     """A refused run leaves no folder: remove Hydra's run dir when it holds only what Hydra itself wrote."""
-    if not folder.is_dir():
+    if not folder.is_dir() or str(folder.resolve()) in _EXISTING_RUN_DIRS:
+        return
+    cwd = Path.cwd().resolve()
+    if folder.resolve() == cwd or folder.resolve() in cwd.parents:
         return
     entries = list(folder.iterdir())
     hydra_only = all(e.name == ".hydra" and e.is_dir() or e.suffix == ".log" and e.is_file() for e in entries)
     if hydra_only and all(p.suffix == ".yaml" for p in (folder / ".hydra").glob("*")):
         shutil.rmtree(folder, ignore_errors=True)
         # Then outputs/<date>/ and outputs/ when this run made them: empty folders below the working directory.
-        cwd = Path.cwd().resolve()
         for parent in folder.resolve().parents:
             if parent == cwd or cwd not in parent.parents or any(parent.iterdir()):
                 break
@@ -111,7 +115,8 @@ def main() -> None:
     from qrun.preflight import preflight
 
     try:
-        preflight(sys.argv[1:])
+        _EXISTING_RUN_DIRS.clear()
+        _EXISTING_RUN_DIRS.update(preflight(sys.argv[1:]))
     except QrunError as error:
         refuse(str(error))
     callbacks.reset_sweep_outcome()

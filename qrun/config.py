@@ -216,22 +216,19 @@ class Range:
     note: str = ""  # what null means, or another word on the accepted values
 
     def accepted(self) -> str:
-        kind = "an integer" if self.integer else "a finite number"
-        if self.low > -math.inf and self.high < math.inf:
-            bounds = f"{_num(self.low)} {'<' if self.low_open else '<='} value {'<' if self.high_open else '<='} " \
-                     f"{_num(self.high)}"
-        elif self.low > -math.inf:
-            bounds = f"value {'>' if self.low_open else '>='} {_num(self.low)}"
-        elif self.high < math.inf:
-            bounds = f"value {'<' if self.high_open else '<='} {_num(self.high)}"
+        if self.integer and not self.low_open and self.high == math.inf and self.low in (0, 1):
+            text = "a positive integer" if self.low == 1 else "an integer >= 0"
         else:
-            bounds = ""
-        text = f"{kind}{', ' + bounds if bounds else ''}"
+            text = "an integer" if self.integer else "a finite number"
+            lo = f"{_num(self.low)} {'<' if self.low_open else '<='} " if self.low > -math.inf else ""
+            hi = f" {'<' if self.high_open else '<='} {_num(self.high)}" if self.high < math.inf else ""
+            if lo and not hi:  # "value > 0" reads better than "0 < value"
+                lo, hi = "", f" {'>' if self.low_open else '>='} {_num(self.low)}"
+            if lo or hi:
+                text = f"{text}, {lo}value{hi}"
         if self.nullable:
-            text = f"null{' (' + self.note + ')' if self.note else ''} or {text}"
-        elif self.note:
-            text = f"{text} ({self.note})"
-        return text
+            return f"null{' (' + self.note + ')' if self.note else ''} or {text}"
+        return f"{text} ({self.note})" if self.note else text
 
     def contains(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

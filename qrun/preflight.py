@@ -33,20 +33,27 @@ def parse_args(argv: list[str]) -> Any:
     return get_args_parser().parse_args(argv)
 
 
-def preflight(argv: list[str]) -> None:
-    """Raise QrunError for the first bad job config in argv; return quietly when Hydra should take over."""
+def preflight(argv: list[str]) -> set[str]:
+    """Raise QrunError for the first bad job config in argv; return quietly when Hydra should take over.
+
+    Returns the run folders that exist already (resolved paths), which a refusal must never remove.
+    """
     args = parse_args(argv)
     flags = ("help", "hydra_help", "version", "shell_completion", "info", "config_path", "config_dir",
              "experimental_rerun")
     if any(getattr(args, flag, None) for flag in flags):
-        return  # Hydra's informational flags, or a config tree other than qrun's own
+        return set()  # Hydra's informational flags, or a config tree other than qrun's own
     jobs = expand_sweep(args.overrides) if args.multirun else [list(args.overrides)]
+    existing: set[str] = set()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         for overrides in jobs:
             cfg = compose_or_refuse(args.config_name or "config", overrides)
             if args.cfg is None:  # --cfg only prints the config: composing is all it needs
                 check_job(cfg, sweep=list(args.overrides) if args.multirun else None,
                           where=_job_label(overrides) if args.multirun else "")
+                if not args.multirun and Path(str(cfg.hydra.run.dir)).is_dir():
+                    existing.add(str(Path(str(cfg.hydra.run.dir)).resolve()))
+    return existing
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
