@@ -73,7 +73,8 @@ def _job_failed(error: BaseException, message: str, multirun: bool) -> None:
 
 
 def write_error(error: OSError) -> str:
-    where = error.filename or "(a file qrun was writing)"
+    """`cannot write <path>: <reason>`; torch.save into an open file reports no name, then the run folder."""
+    where = error.filename or (f"into {_run_dir()}" if HydraConfig.initialized() else "a file")
     return f"cannot write {where}: {error.strerror or error}"
 
 

@@ -337,6 +337,23 @@ def test_write_errors_are_one_line_naming_the_path(number: int, reason: str, tmp
     assert_one_line_refusal(code, err, f"cannot write {target}: {reason}")
 
 
+def test_a_full_disk_under_torch_save_names_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """torch.save into an open file (checkpoint.atomic_save) raises ENOSPC without a file name: /dev/full shows it."""
+    import qrun.trainer
+
+    def save_to_full_disk(cfg):
+        with open("/dev/full", "wb") as handle:
+            torch.save({"weights": torch.zeros(100_000)}, handle)
+            handle.flush()
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    monkeypatch.setattr(qrun.trainer, "run", save_to_full_disk)
+    code, err = run_main([f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, monkeypatch, capsys)
+    assert_one_line_refusal(code, err, f"cannot write into {tmp_path / 'run'}: No space left on device")
+
+
 def test_corrupt_results_json_means_not_finished(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from qrun.results import read_results
 
