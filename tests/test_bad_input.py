@@ -412,3 +412,20 @@ def test_option_tables_match_the_real_signatures() -> None:
     for name in available_quantizers():
         assert QUANT_OPTIONS[name] == params(quantizer_class(name).__init__, ("self", "bits", "kind")), name
     assert LAYER_OVERRIDE_KEYS == OVERRIDE_KEYS
+
+
+def test_an_image_folder_subset_beyond_its_size_is_refused_at_load(tmp_path: Path) -> None:
+    """ImageFolder sizes are known only once the folder is read: refused then, never silently clamped."""
+    from PIL import Image
+
+    from qrun.data import build_datasets
+    from qrun.errors import QrunError
+    from tests.conftest import compose_config
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / cls / "0.jpg")
+    cfg = compose_config(["dataset=imagenet", f"dataset.root={tmp_path}", "dataset.train_samples=3"], tmp_path)
+    with pytest.raises(QrunError, match=r"subset of 3 samples exceeds the 2 available; accepted: null \(all\) or 1..2"):
+        build_datasets(cfg.dataset)
