@@ -429,3 +429,14 @@ def test_an_image_folder_subset_beyond_its_size_is_refused_at_load(tmp_path: Pat
     cfg = compose_config(["dataset=imagenet", f"dataset.root={tmp_path}", "dataset.train_samples=3"], tmp_path)
     with pytest.raises(QrunError, match=r"subset of 3 samples exceeds the 2 available; accepted: null \(all\) or 1..2"):
         build_datasets(cfg.dataset)
+
+
+def test_validation_imports_no_torch() -> None:
+    """Refusals are fast because the CLI, the preflight and the schema never import torch (2 s here) themselves."""
+    probe = ("import sys\nimport qrun.cli, qrun.preflight, qrun.config, qrun.naming, qrun.callbacks\n"
+             "try:\n    qrun.preflight.preflight(['optimizer.lr=-1'])\nexcept Exception as error:\n    print(error)\n"
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["optimizer.lr=-1.0 is out of range; accepted: a finite number, value > 0",
+                                        "False"]
