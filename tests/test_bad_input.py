@@ -23,8 +23,6 @@ from hydra.core.global_hydra import GlobalHydra
 from qrun import checkpoint, cli
 from qrun.config import MODEL_OPTIONS, QUANT_OPTIONS, LAYER_OVERRIDE_KEYS
 
-FAKE = ["dataset=fake", "dataset.train_samples=32", "dataset.val_samples=32", "epochs=1", "batch_size=16",
-        "progress=false"]
 MARKER = "executed-by-pickle"
 
 # (arguments, fragment the single error line must hold). `{tmp}` is the test's folder, `{ck}` its checkpoints.
