@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from qrun.errors import QrunError
 
@@ -25,14 +26,20 @@ def failed_jobs() -> list[str]:
     return list(_FAILED)
 
 
-def sweep_job_dirs(config: DictConfig) -> list[Path]:
-    """The folders of this invocation's jobs (not older jobs of the same sweep folder), as the launcher names them."""
+def sweep_job_dirs(config: DictConfig, started: float) -> list[Path]:
+    """The folders of this invocation's jobs, not older jobs of the same sweep folder.
+
+    With qrun's own job names they follow from the overrides; with a custom `hydra.sweep.subdir`, they are the
+    folders whose Hydra config this sweep (re)wrote, since Hydra writes .hydra/ into every job it launches.
+    """
     from qrun.naming import job_name
     from qrun.preflight import expand_sweep
 
     sweep_dir = Path(str(config.hydra.sweep.dir))
-    excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
-    return [sweep_dir / job_name(job, excluded) for job in expand_sweep(list(config.hydra.overrides.task))]
+    if "qrun_job" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")):
+        excluded = list(config.hydra.job.config.override_dirname.exclude_keys)
+        return [sweep_dir / job_name(job, excluded) for job in expand_sweep(list(config.hydra.overrides.task))]
+    return [p.parent.parent for p in sweep_dir.rglob(".hydra/overrides.yaml") if p.stat().st_mtime >= started - 1]
 
 
 class SweepSummary(Callback):
@@ -40,6 +47,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Refuse to sweep a key left out of the job folder names: its jobs would share (and skip) one folder."""
+        self._started = time.time()
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         excluded = set(config.hydra.job.config.override_dirname.exclude_keys)
@@ -60,7 +68,7 @@ class SweepSummary(Callback):
             return
         rows = build_rows(collect_jobs(sweep_dir))
         mine = {str(path.relative_to(sweep_dir)) if path != sweep_dir else sweep_dir.name
-                for path in sweep_job_dirs(config)}
+                for path in sweep_job_dirs(config, getattr(self, "_started", 0.0))}
         by_job = {row["job"]: row["status"] for row in rows}
         _FAILED[:] = sorted(job for job in mine if by_job.get(job) != "finished")
         lines = []
