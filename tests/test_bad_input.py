@@ -438,3 +438,20 @@ def test_validation_imports_no_torch() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["optimizer.lr=-1.0 is out of range; accepted: a finite number, value > 0",
                                         "False"]
+
+
+@pytest.mark.parametrize("damage", ["", "{\"status\": \"finished\", \"top1\": 9"])
+def test_a_damaged_results_json_does_not_jam_its_folder(damage: str, tmp_path: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """Re-running into the folder warns, resumes from the surviving checkpoint and writes a valid results.json."""
+    import json
+
+    from tests.conftest import run_training
+
+    tiny = ["dataset=fake", "dataset.train_samples=32", "dataset.val_samples=32", "epochs=1", "batch_size=16"]
+    first = run_training(tiny, tmp_path)
+    (tmp_path / "results.json").write_text(damage)
+    again = run_training(tiny, tmp_path)
+    assert any("treated as not finished" in r.getMessage() for r in caplog.records)
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert stored["status"] == "finished" and stored["top1"] == again["top1"] == first["top1"]
