@@ -39,6 +39,10 @@ def preflight(argv: list[str]) -> set[str]:
     Returns the run folders that exist already (resolved paths), which a refusal must never remove.
     """
     args = parse_args(argv)
+    modes = [flag for flag in ("run", "multirun", "cfg", "info", "shell_completion") if getattr(args, flag, None)]
+    if len(modes) > 1:
+        raise QrunError(f"{' and '.join('--' + m.replace('_', '-') for m in modes)} exclude each other; accepted: "
+                        "one of --run, --multirun (-m), --cfg, --info, --shell-completion")
     flags = ("help", "hydra_help", "version", "shell_completion", "info", "config_path", "config_dir",
              "experimental_rerun")
     if any(getattr(args, flag, None) for flag in flags):
