@@ -30,7 +30,13 @@ def parse_args(argv: list[str]) -> Any:
     """Hydra's own command-line parser, so qrun reads argv exactly as @hydra.main will."""
     from hydra._internal.utils import get_args_parser
 
-    return get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+
+    def refuse(message: str) -> None:  # argparse would print its usage block first: several lines
+        raise QrunError(f"{message}; accepted flags: see qrun --hydra-help")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    return parser.parse_args(argv)
 
 
 def preflight(argv: list[str]) -> set[str]:

@@ -46,6 +46,8 @@ CASES: list[tuple[str, str]] = [
     ("resume=a{b", "cannot parse the overrides"),
     ("-m quant=dsq,bogus", "unknown quant option 'bogus'"),
     ("-m device=cpu,auto", "cannot sweep device: left out of job folder names"),
+    ("--bogus-flag", "unrecognized arguments: --bogus-flag; accepted flags: see qrun --hydra-help"),
+    ("--cfg jobs", "argument --cfg/-c: invalid choice: 'jobs'"),
     ("-m --cfg job bits=2,4", "--multirun and --cfg exclude each other; accepted: one of --run, --multirun (-m)"),
     ("-m bits=2,40", "bits=40 is out of range; accepted: an integer, 1 <= value <= 16 (job bits=40)"),
     # A closed schema: unknown keys, with or without '+'.
