@@ -55,8 +55,13 @@ def _job(cfg: DictConfig) -> Optional[dict[str, Any]]:
         log.exception("job failed")
         _record_failure(_run_dir() / RESULTS_FILE, error)
         return None
-    log.info("top1 %.2f  best %.2f  (%s)", results["top1"], results["best_top1"], results["output_dir"])
+    log.info("top1 %s  best %s  (%s)", _percent(results.get("top1")), _percent(results.get("best_top1")),
+             results.get("output_dir"))
     return results
+
+
+def _percent(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "n/a"  # a diverged run has no top-1
 
 
 def _job_failed(error: BaseException, message: str, multirun: bool) -> None:
