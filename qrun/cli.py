@@ -66,7 +66,8 @@ def _percent(value: Any) -> str:
 
 def _job_failed(error: BaseException, message: str, multirun: bool) -> None:
     if not multirun:
-        remove_if_unused(_run_dir())
+        if getattr(error, "record_in_folder", True):  # qrun.lock.FolderLocked: the folder belongs to a live run
+            remove_if_unused(_run_dir())
         refuse(message)
     # In a sweep, one bad job is recorded and the others go on; the sweep exits non-zero at the end.
     log.error("job failed: %s", message)
@@ -106,9 +107,12 @@ def remove_if_unused(folder: Path) -> None:
 
 
 def _record_failure(path: Path, error: BaseException, message: Optional[str] = None) -> None:
+    if not getattr(error, "record_in_folder", True):  # qrun.lock.FolderLocked: the folder belongs to a live run
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
+    status = getattr(error, "status", "failed")  # "diverged" for qrun.guard.Diverged
     text = message or f"{type(error).__name__}: {error}"
-    path.write_text(json.dumps({"status": "failed", "error": text}, indent=2))
+    path.write_text(json.dumps({"status": status, "error": text}, indent=2))
 
 
 def refuse(message: str) -> NoReturn:

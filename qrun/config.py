@@ -95,6 +95,14 @@ class SchedulerConfig:
 
 
 @dataclass
+class PreemptConfig:
+    # On these signals: finish the running step, write a mid-epoch checkpoint, exit 75 (qrun.preempt).
+    # SIGUSR2 is submitit's requeue signal (the slurm preset's --signal=USR2@...): its handler runs after the save.
+    enabled: bool = True
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+
+
+@dataclass
 class QrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -138,6 +146,9 @@ class QrunConfig:
     sync_bn: bool = False
     # Under torchrun: null picks nccl on CUDA and gloo on CPU.
     dist_backend: Optional[str] = None
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    # Also write the mid-epoch checkpoint every N training steps (long epochs); null: at epoch ends only.
+    checkpoint_every_steps: Optional[int] = None
 
 
 def register_configs() -> None:
@@ -272,6 +283,7 @@ RANGES: list[Range] = [
     Range("scheduler.warmup_epochs", 0),
     Range("scheduler.gamma", 0, 1, low_open=True, note="the factor at each milestone"),
     Range("scheduler.min_lr_ratio", 0, 1),
+    Range("checkpoint_every_steps", 1, integer=True, nullable=True, note="at epoch ends only"),
 ]
 # Quantizer options with a range (the quantizers check them too, but only once torch and the model are built).
 QUANT_OPTION_RANGES: dict[str, list[Range]] = {
@@ -343,6 +355,13 @@ def _check_choices(cfg: DictConfig) -> None:
         raise choice_error("quantizer", cfg.quant.name, QUANT_OPTIONS)
     if cfg.dataset.name not in DATASETS:
         raise choice_error("dataset", cfg.dataset.name, DATASETS)
+
+
+def _check_preempt(cfg: DictConfig) -> None:
+    if cfg.get("preempt") is not None:
+        from qrun.preempt import parse_signals  # the signal module only: no torch import here
+
+        parse_signals(cfg.preempt.signals)
 
 
 def _check_mode(cfg: DictConfig) -> None:
@@ -472,7 +491,7 @@ def check_writable_dir(key: str, value: Any) -> None:
 
 # The consistency checks `validate` runs after the range table; other modules' keys get their own function here.
 CHECKS: list[Callable[[DictConfig], None]] = [
-    _check_choices, _check_mode, _check_dataset, _check_optimizer, _check_scheduler, _check_model_options,
+    _check_choices, _check_preempt, _check_mode, _check_dataset, _check_optimizer, _check_scheduler, _check_model_options,
     _check_quant_options, _check_layer_overrides, _check_paths,
 ]
 

@@ -19,7 +19,7 @@ def read_results(path: Path) -> Optional[dict[str, Any]]:
         text = Path(path).read_text()
     except FileNotFoundError:
         return None
-    except UnicodeDecodeError as error:
+    except (OSError, UnicodeDecodeError) as error:  # unreadable (permissions) or not text
         log.warning("ignoring %s (%s): treated as not finished", path, error)
         return None
     try:

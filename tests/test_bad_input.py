@@ -115,6 +115,10 @@ CASES: list[tuple[str, str]] = [
     ("scheduler.min_lr_ratio=2", "scheduler.min_lr_ratio=2.0 is out of range; accepted: a finite number, "
                                  "0 <= value <= 1"),
     ("scheduler.min_lr_ratio=-0.5", "scheduler.min_lr_ratio=-0.5 is out of range"),
+    ("checkpoint_every_steps=0", "checkpoint_every_steps=0 is out of range; accepted: null (at epoch ends only) or "
+                                 "a positive integer"),
+    ("preempt.signals=[SIGKILL]", "preempt.signals: 'SIGKILL' is not a signal that can be caught"),
+    ("preempt.signals=[SIGBOGUS]", "preempt.signals"),
     # Values that contradict each other or the dataset.
     ("dataset.num_classes=5", "dataset.num_classes=5 contradicts dataset fashion_mnist; accepted: 10"),
     ("dataset.in_channels=3", "dataset.in_channels=3 contradicts dataset fashion_mnist; accepted: 1"),
