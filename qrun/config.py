@@ -115,8 +115,13 @@ class QrunConfig:
     deterministic: bool = False
     device: Device = Device.auto
     amp: bool = False
-    workers: int = 0
+    # DataLoader worker processes; null: 0 for in-memory data (MNIST family, CIFAR), several for image files on CUDA.
+    workers: Optional[int] = None
     progress: bool = True
+    # Off a terminal (no bar): a log line each time another log_every_percent % of an epoch is done, at most one
+    # per log_every_s seconds; log_every_percent=0 turns the lines off.
+    log_every_percent: float = 10.0
+    log_every_s: float = 30.0
     compile: bool = False
     # NHWC tensors: oneDNN's CPU convolutions (and tensor cores) run markedly faster on them.
     channels_last: bool = True
@@ -157,8 +162,11 @@ def validate(cfg: DictConfig) -> None:
         raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
-    if cfg.workers < 0:
-        raise QrunError(f"workers={cfg.workers} is negative; accepted: 0 or more")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise QrunError(f"workers={cfg.workers} is negative; accepted: null (automatic), 0 or more")
+    if not 0 <= cfg.get("log_every_percent", 0) <= 100 or cfg.get("log_every_s", 0) < 0:
+        raise QrunError(f"log_every_percent={cfg.log_every_percent} log_every_s={cfg.log_every_s} are out of range; "
+                        "accepted: 0..100 (0: no progress lines) and seconds >= 0")
     for key in ("train_samples", "val_samples"):
         value = cfg.dataset[key]
         if value is not None and value < 1:

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, complexity, distributed, quant, resources
+from qrun import checkpoint, complexity, distributed, progress, quant, resources
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
 from qrun.engine import evaluate, to_device, train_one_epoch
@@ -64,6 +64,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         context = RunContext(cfg=cfg, output_dir=Path(distributed.broadcast_object(str(output_dir(cfg)), dist_info)),
                              device=distributed.device_for(device, dist_info), started=time.perf_counter(),
                              dist=dist_info)
+        progress.start_run(cfg, context.device, context.output_dir)
         configure_determinism(cfg.seed, cfg.deterministic)
         return MODES[mode](context)
     finally:
