@@ -1,0 +1,45 @@
+"""Loader defaults: no workers for in-memory data, decoding workers (persistent, prefetching) for image files on a
+GPU; the shuffle order does not depend on how workers are seeded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from qrun.data import EpochLoader, InMemoryImages, default_workers
+from qrun.resources import available_cores
+
+
+def image_folder(root: Path) -> tv_datasets.ImageFolder:
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 8), color=(i * 40, 0, 0)).save(root / cls / f"{i}.png")
+    return tv_datasets.ImageFolder(str(root), T.ToTensor())
+
+
+def test_default_workers_by_data_kind_and_device(tmp_path: Path) -> None:
+    files = image_folder(tmp_path)
+    memory = InMemoryImages(np.zeros((4, 8, 8), np.uint8), np.zeros(4), [0.0], [1.0])
+    assert default_workers(memory, pin_memory=True) == 0
+    assert default_workers(files, pin_memory=False) == 0
+    assert default_workers(files, pin_memory=True) == max(1, min(8, available_cores() - 1))
+    loader = EpochLoader(files, 2, shuffle=True, workers=None, seed=0, pin_memory=True).loader
+    assert loader.persistent_workers and loader.prefetch_factor == 4 and loader.num_workers >= 1
+    explicit = EpochLoader(files, 2, shuffle=True, workers=0, seed=0, pin_memory=True).loader
+    assert explicit.num_workers == 0 and not explicit.persistent_workers
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_shuffle_order_is_the_same_with_and_without_persistent_workers(workers: int) -> None:
+    memory = InMemoryImages(np.zeros((12, 4, 4), np.uint8), np.arange(12), [0.0], [1.0])
+    loader = EpochLoader(memory, 4, shuffle=True, workers=workers, seed=1)
+    order = {epoch: [y.tolist() for _, y in loader.epoch(epoch)] for epoch in (3, 1, 3)}
+    expected = torch.randperm(12, generator=torch.Generator().manual_seed(1 * 100_003 + 3)).tolist()
+    assert sum(order[3], []) == expected  # the epoch's permutation, whatever ran before it in this process
