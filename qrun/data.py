@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Subset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
@@ -234,13 +234,51 @@ def default_workers(dataset: Dataset, pin_memory: bool) -> int:
     return max(1, min(8, available_cores() - 1))
 
 
+class EpochTagged(Sampler):
+    """Yields (epoch, index) pairs of a base sampler, so a worker knows which epoch a sample belongs to."""
+
+    def __init__(self, base: Sampler) -> None:
+        self.base, self.epoch = base, 0
+        self.rank = getattr(base, "rank", 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, int(index)) for index in self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+class EpochSeeded(Dataset):
+    """Image files under random transforms, served by loader workers: each sample seeds the worker's RNG from
+    (seed, epoch, index) first, so its crop and flip are the same whichever worker, how many workers, and
+    whether they persisted across epochs; a resumed run replays them. (Workers' own seeds are drawn once per
+    process when they persist.)"""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        torch.manual_seed((epoch_seed(self.seed, epoch) * 2_147_483_647 + index) % 2 ** 63)
+        return self.dataset[index]
+
+
 class EpochLoader:
     """A DataLoader whose shuffle order and augmentation are a pure function of (seed, epoch).
 
     The shuffle has its own generator: DataLoader draws its worker base seed from `generator` only when it
     starts workers, which persistent workers do once per process, so a shared generator would shift the order
     of a resumed run. A training loader (shuffle=True) of in-memory data carries the dataset's BatchAugment as
-    `loader.batch_augment`, reseeded per epoch, for the training loop to apply on the device.
+    `loader.batch_augment`, reseeded per epoch, for the training loop to apply on the device; one of image
+    files with workers seeds each sample's transforms from (seed, epoch, index) (EpochSeeded).
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, workers: Optional[int], seed: int,
@@ -251,6 +289,8 @@ class EpochLoader:
         if self.sampler is None and shuffle:
             self.sampler = RandomSampler(dataset, generator=self.order)
         workers = default_workers(dataset, pin_memory) if workers is None else workers
+        if shuffle and workers > 0 and in_memory(dataset) is None:
+            dataset, self.sampler = EpochSeeded(dataset, seed), EpochTagged(self.sampler)
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
                                  pin_memory=pin_memory, generator=self.generator, persistent_workers=workers > 0,
                                  prefetch_factor=4 if workers > 0 else None)

@@ -43,3 +43,22 @@ def test_shuffle_order_is_the_same_with_and_without_persistent_workers(workers: 
     order = {epoch: [y.tolist() for _, y in loader.epoch(epoch)] for epoch in (3, 1, 3)}
     expected = torch.randperm(12, generator=torch.Generator().manual_seed(1 * 100_003 + 3)).tolist()
     assert sum(order[3], []) == expected  # the epoch's permutation, whatever ran before it in this process
+
+
+def test_image_file_augmentation_replays_whatever_the_workers(tmp_path: Path) -> None:
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            pixels = np.random.default_rng(i).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / cls / f"{i}.png")
+    files = tv_datasets.ImageFolder(str(tmp_path), T.Compose([T.RandomResizedCrop(6), T.RandomHorizontalFlip(),
+                                                              T.ToTensor()]))
+
+    def epoch_images(loader: EpochLoader, epoch: int) -> torch.Tensor:
+        return torch.cat([images for images, _ in loader.epoch(epoch)])
+
+    straight = EpochLoader(files, 4, shuffle=True, workers=2, seed=5)  # persistent workers
+    first, second = epoch_images(straight, 1), epoch_images(straight, 2)
+    resumed = EpochLoader(files, 4, shuffle=True, workers=1, seed=5)  # a new process resuming at epoch 2
+    assert torch.equal(epoch_images(resumed, 2), second)
+    assert not torch.equal(first, second)  # other crops (and order) each epoch
