@@ -302,6 +302,9 @@ class EpochLoader:
     def epoch(self, epoch: int) -> DataLoader:
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
         self.order.manual_seed(epoch_seed(self.seed, epoch))
+        # Discard one draw: before the shuffle had its own generator, the DataLoader drew its worker seed from the
+        # shared one first; this keeps every epoch's permutation (and so earlier recorded results) as it was.
+        torch.empty((), dtype=torch.int64).random_(generator=self.order)
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         if self.augment is not None:
