@@ -85,3 +85,13 @@ def test_off_a_terminal_the_run_names_itself_and_logs_progress(tmp_path: Path, f
     steps = [line.split("] - ")[1].split("  loss")[0] for line in lines if "train 1 step" in line]
     assert steps == ["train 1 step 2/8 (25%)", "train 1 step 4/8 (50%)", "train 1 step 6/8 (75%)"]
     assert all("samples/s  ETA 0:00:" in line for line in lines if "train 1 step" in line)
+
+
+@pytest.mark.parametrize("override", ["log_every_percent=150", "log_every_percent=-1", "log_every_s=-5"])
+def test_out_of_range_cadence_is_refused(override: str, tmp_path: Path) -> None:
+    from qrun.config import validate
+    from qrun.errors import QrunError
+    from tests.conftest import compose_config
+
+    with pytest.raises(QrunError, match="out of range; accepted: 0..100"):
+        validate(compose_config([override], tmp_path))
