@@ -11,7 +11,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
 # One qrun quantizer of each label form, and both torch.ao peers (each built in qrun's quantizer slots).
-ONLY = ["dsq", "xnor", "ao-fq", "ao-lsq"]
+ONLY = ["lsq", "xnor", "ao-fq", "ao-lsq"]
 
 
 def test_cpu_smoke_measures_every_config_against_float(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_cpu_smoke_measures_every_config_against_float(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = json.loads(out.read_text())
-    labels = ["float", "dsq", "xnor W1A1", "ao-fq", "ao-lsq"]
+    labels = ["float", "lsq", "xnor W1A1", "ao-fq", "ao-lsq"]
     for model in ("resnet20", "resnet18"):
         for precision in ("fp32", "bf16"):
             got = {r["config"]: r for r in rows if (r["model"], r["precision"]) == (model, precision)}
