@@ -335,7 +335,7 @@ def report(results: list[Result], float_data: Optional[float], device: torch.dev
         if r.error or not r.ratios:
             print(f"{r.config.label:<13} failed: {r.error or 'float failed'}")
             continue
-        q1, _, q3 = statistics.quantiles(r.ratios, n=4) if len(r.ratios) > 1 else r.ratios * 3
+        q1, _, q3 = statistics.quantiles(r.ratios, n=4, method="inclusive") if len(r.ratios) > 1 else r.ratios * 3
         ratio = statistics.median(r.ratios)
         memory_x = r.memory / base.memory if base and base.memory == base.memory else float("nan")
         verdict = ""
