@@ -3,8 +3,9 @@
 The per-sample PIL/torchvision pipeline costs ~20 ms per 128 CIFAR images in one process, several times a
 resnet20 step on a GPU. For data held in memory as one tensor (MNIST family, CIFAR), a batch is instead
 augmented after its copy to the device: one gather whose row and column indices carry each sample's random
-offset and flip. The draws come from a generator on that device (no host sync), reseeded at every epoch start
-from (seed, epoch, rank), so a resumed run replays the same crops; the gather is deterministic.
+offset and flip. The draws come from a generator on that device (no host sync), seeded for every batch from
+(seed, epoch, rank, batch index), so a run resumed at an epoch or mid-epoch replays the same crops; the gather is
+deterministic.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ class BatchAugment:
         self.padding = int(padding)
         self.flip = flip
         self.fill = torch.tensor(list(fill), dtype=torch.float32).view(1, -1, 1, 1)
-        self.seed = 0
+        self.seed, self.batch = 0, 0
         self._generator: Optional[torch.Generator] = None
 
-    def reseed(self, seed: int) -> None:
-        """Start a new epoch's stream; the generator is made on the batch's device at the next call."""
-        self.seed = int(seed)
-        self._generator = None
+    def reseed(self, seed: int, batch: int = 0) -> None:
+        """Start an epoch's draws (`seed`) at batch `batch` (> 0 when resuming mid-epoch)."""
+        self.seed, self.batch = int(seed), int(batch)
 
-    def draws(self, count: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next `count` samples' (row, column) offsets into the padded image, shape (2, count), and flips."""
+    def draws(self, count: int, device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The next batch's (row, column) offsets into the padded image, shape (2, count), and flips."""
         if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            self._generator = torch.Generator(device=device)
+        # Seeding a CUDA generator sets its host-side philox seed: no sync.
+        self._generator.manual_seed((self.seed * 1_000_003 + self.batch) % 2 ** 63)
+        self.batch += 1
         offsets = torch.randint(0, 2 * self.padding + 1, (2, count), generator=self._generator, device=device)
         flips = torch.rand(count, generator=self._generator, device=device) < 0.5 if self.flip else None
         return offsets, flips

@@ -9,6 +9,7 @@ CIFAR is held the same way. Their training augmentation runs on whole batches on
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,19 @@ def in_memory(dataset: Dataset) -> Optional[InMemoryImages]:
     return dataset if isinstance(dataset, InMemoryImages) else None
 
 
+class SkipBatches:
+    """A batch sampler without its first `count` batches (the sampler's permutation is drawn all the same)."""
+
+    def __init__(self, batch_sampler, count: int) -> None:
+        self.batch_sampler, self.count = batch_sampler, count
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.count)
+
+
 def default_workers(dataset: Dataset, pin_memory: bool) -> int:
     """workers=null: none for in-memory data (a batch is one indexing op); for image files feeding a GPU
     (pin_memory), enough decoding processes that the GPU does not wait, capped at 8."""
@@ -299,7 +313,9 @@ class EpochLoader:
         self.loader.batch_augment = self.augment
         self.rank = getattr(self.sampler, "rank", 0)
 
-    def epoch(self, epoch: int) -> DataLoader:
+    def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """The epoch's loader; `start_batch` > 0 skips its first batches by index (no data loaded), so a run
+        resumed mid-epoch sees exactly the batches an uninterrupted one would (same draws, same order)."""
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
         self.order.manual_seed(epoch_seed(self.seed, epoch))
         # Discard one draw: before the shuffle had its own generator, the DataLoader drew its worker seed from the
@@ -308,8 +324,15 @@ class EpochLoader:
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         if self.augment is not None:
-            self.augment.reseed(epoch_seed(self.seed, epoch) * 4099 + self.rank)
-        return self.loader
+            self.augment.reseed(epoch_seed(self.seed, epoch) * 4099 + self.rank, batch=max(0, start_batch))
+        if start_batch <= 0:
+            return self.loader
+        loader = self.loader
+        resumed = DataLoader(loader.dataset, batch_sampler=SkipBatches(loader.batch_sampler, start_batch),
+                             num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                             collate_fn=loader.collate_fn, generator=self.generator)
+        resumed.batch_augment = self.augment
+        return resumed
 
     def __len__(self) -> int:
         return len(self.loader)

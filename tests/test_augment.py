@@ -68,3 +68,13 @@ def test_training_loader_carries_the_augmentation_and_validation_does_not(tmp_pa
     # 3-pixel border (28 // 8): shifted images show black rows/columns; the pixels are the originals' or black
     assert not torch.equal(augmented, images)
     assert torch.isin(augmented, torch.cat([images.flatten(), torch.tensor([black])])).all()
+
+
+def test_a_batch_draws_the_same_crops_when_an_epoch_resumes_mid_way() -> None:
+    images = torch.randn(4, 1, 6, 6)
+    augment = BatchAugment(padding=2, flip=True, fill=[0.0])
+    augment.reseed(9)
+    straight = [augment(images) for _ in range(3)]
+    augment.reseed(9, batch=2)  # resumed after two batches of the epoch
+    assert torch.equal(augment(images), straight[2])
+    assert not torch.equal(straight[0], straight[1])
