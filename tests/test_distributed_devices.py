@@ -96,9 +96,10 @@ def test_a_ddp_training_run_hands_every_collective_backend_tensors(
     results = run_training(["model=cnn", "quant=lsq", "quantize_input=true", "epochs=1", "batch_size=64",
                             "dataset.train_samples=128", "dataset.val_samples=64"], tmp_path / "run")
     assert results["world_size"] == 1 and results["epoch"] == 1
-    # broadcast_object for the output folder, a broadcast per parameter/buffer, two metric reductions per epoch
+    # broadcast_object for the output folder, a broadcast per parameter/buffer, the metric reductions (two per
+    # epoch) and the divergence guard's flag reductions: every one of them checked for its device
     assert device_checked_collectives.count("broadcast_object_list") == 1
-    assert device_checked_collectives.count("all_reduce") == 2
+    assert device_checked_collectives.count("all_reduce") >= 2
     assert device_checked_collectives.count("broadcast") > 10
 
 
