@@ -350,7 +350,7 @@ def report(results: list[Result], float_data: Optional[float], device: torch.dev
             ok = ok and (syncs == 0 or r.model != "resnet20")
             verdict = f"<={target:.2f} {'ok' if ok else 'MISS'}"
         debug = r.syncs.get("sync_debug")
-        print(f"{r.config.label:<13}{statistics.median(r.times) * 1e3:>10.2f}{ratio:>8.3f}{q1:>7.3f}-{q3:<5.3f}"
+        print(f"{r.config.label:<13}{statistics.median(r.times) * 1e3:>10.2f}{ratio:>8.3f} {f'{q1:.3f}-{q3:.3f}':>12}"
               f"{r.memory / 2 ** 20:>10.1f}{memory_x:>7.3f}{r.syncs.get('syncs', '-'):>7}{r.syncs.get('h2d', '-'):>5}"
               f"{'' if debug is None else debug:>5}  {verdict}")
     if float_data is not None and base and base.times:
