@@ -128,8 +128,13 @@ class QrunConfig:
     deterministic: bool = False
     device: Device = Device.auto
     amp: bool = False
-    workers: int = 0
+    # DataLoader worker processes; null: 0 for in-memory data (MNIST family, CIFAR), several for image files on CUDA.
+    workers: Optional[int] = None
     progress: bool = True
+    # Off a terminal (no bar): a log line each time another log_every_percent % of an epoch is done, at most one
+    # per log_every_s seconds; log_every_percent=0 turns the lines off.
+    log_every_percent: float = 10.0
+    log_every_s: float = 30.0
     compile: bool = False
     # NHWC tensors: oneDNN's CPU convolutions (and tensor cores) run markedly faster on them.
     channels_last: bool = True
@@ -266,7 +271,9 @@ RANGES: list[Range] = [
     Range("eval_batch_size", 1, integer=True),
     Range("calib_batches", 1, integer=True),
     Range("threads", 1, integer=True, nullable=True, note="automatic"),
-    Range("workers", 0, integer=True),
+    Range("workers", 0, integer=True, nullable=True, note="automatic"),
+    Range("log_every_percent", 0, 100, note="0: no progress lines"),
+    Range("log_every_s", 0),
     Range("seed", 0, MAX_SEED, integer=True),
     Range("label_smoothing", 0, 1, high_open=True),
     Range("dataset.train_samples", 1, integer=True, nullable=True, note="all"),

@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, complexity, distributed, guard, lock, preempt, quant, resources, runconfig, schedule
+from qrun import (checkpoint, complexity, distributed, guard, lock, preempt, progress, quant, resources, runconfig,
+                  schedule)
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
 from qrun.guard import Diverged
@@ -73,6 +74,7 @@ def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any
             cfg = runconfig.for_run(cfg, folder, overrides)
             context = RunContext(cfg=cfg, output_dir=folder, device=distributed.device_for(device, dist_info),
                                  started=time.perf_counter(), dist=dist_info)
+            progress.start_run(cfg, context.device, context.output_dir)
             configure_determinism(cfg.seed, cfg.deterministic)
             return MODES[mode](context)
     finally:
