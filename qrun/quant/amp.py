@@ -1,0 +1,179 @@
+"""Quantized layers under autocast: the conv/linear sees exactly the levels the float32 quantizer gives.
+
+Casting a fake-quantized tensor y = offset + scale * k to bf16 keeps 8 significant bits, so an 8-bit grid
+loses levels (U(0, 100) kept 236 of 256 here) and a bf16 quantizer input moves outputs one level off. So under
+autocast a quantized layer
+1. its quantizers run in float32 (Quantizer.forward disables autocast and casts the input up), then
+2. when both quantizers describe their output as integer levels (`Quantizer.integer_grid`) within what the
+   autocast dtype holds exactly (bf16: |k| <= 256, fp16: |k| <= 2048), feeds the conv those integers (fp16: times
+   a power of two, so the conv output stays in fp16's range) and applies scales and offsets to its output:
+       conv(o_a + s_a k_a, o_w + s_w k_w) = s_a s_w conv(k_a, k_w) + s_a o_w conv(k_a, 1)
+                                            + o_a s_w conv(M, k_w) + o_a o_w conv(M, 1)
+   with M the input's support (ones, zero in the padding, where y is 0 and not o_a);
+3. otherwise (a grid too fine for the dtype, or no integer form) runs the quantizers and the conv in float32.
+The gradients are the float layer's: d/dy of the rescaled integer conv is the conv's gradient with the weight y_w.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+from torch import nn
+from torch.autograd import Function
+from torch.nn import functional as F
+
+from qrun.quant.base import IntegerGrid
+
+if TYPE_CHECKING:
+    from qrun.quant.layers import QuantizedLayer
+
+# Largest |integer| up to which every integer is representable: 2^(significand bits).
+EXACT_INTEGERS = {torch.bfloat16: 2**8, torch.float16: 2**11}
+# fp16 levels are fed as k * 2^e with e in this range: exact (multiples of fp16's smallest subnormal 2^-24,
+# at most 2048 * 2^4 < 65504) and, with 2^e ~ the scale, the conv output has the magnitude of the float layer's.
+FP16_EXPONENTS = (-24, 4)
+TINY = torch.finfo(torch.float32).tiny
+
+
+def autocast_dtype(x: torch.Tensor) -> Optional[torch.dtype]:
+    """The lower-precision dtype autocast is running for x's device, or None when autocast is off there."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if dtype in EXACT_INTEGERS else None
+
+
+def exact_levels(grid: Optional[IntegerGrid], dtype: torch.dtype) -> bool:
+    return grid is not None and grid.max_level <= EXACT_INTEGERS[dtype]
+
+
+class _ToLevels(Function):
+    """y -> round((y - offset) / scale) * unit in the autocast dtype; backward: grad * unit / scale in float32."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
+                unit: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        factor = 1.0 / scale if unit is None else unit / scale
+        ctx.factor = factor
+        centred = y if offset is None else y - offset
+        # round() snaps the few-ulp error of (y - o) / s to the quantizer's integer level.
+        k = torch.div(centred, scale).round_()
+        if unit is not None:
+            k.mul_(unit)
+        return k.to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.float() * ctx.factor, None, None, None, None
+
+
+def to_levels(y: torch.Tensor, grid: IntegerGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the levels fed to the conv, the factor that turns them back into y's scale)."""
+    scale = grid.scale.float().clamp_min(TINY)
+    unit = None
+    if dtype == torch.float16:
+        unit = torch.ldexp(torch.ones_like(scale), torch.frexp(scale).exponent.clamp(*FP16_EXPONENTS))
+    levels = _ToLevels.apply(y, scale, grid.offset, unit, dtype)
+    return levels, (scale if unit is None else scale / unit)
+
+
+def exact_compute(layer: "QuantizedLayer", xq: torch.Tensor, wq: torch.Tensor, bias: Optional[torch.Tensor],
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The layer's conv/linear of its quantizers' float32 outputs xq, wq under autocast (module docstring)."""
+    a_grid = layer.input_quantizer.integer_grid(xq) if layer.input_quantizer is not None else None
+    w_grid = layer.weight_quantizer.integer_grid(wq) if layer.weight_quantizer is not None else None
+    integer_input = layer.input_quantizer is not None and exact_levels(a_grid, dtype)
+    integer_weight = layer.weight_quantizer is not None and exact_levels(w_grid, dtype)
+    exact = ((layer.input_quantizer is None or integer_input) and (layer.weight_quantizer is None or integer_weight))
+    offsets = (integer_input and a_grid.offset is not None) or (integer_weight and w_grid.offset is not None)
+    if not exact or (offsets and not _offsets_supported(layer)):
+        with torch.autocast(xq.device.type, enabled=False):
+            return layer.compute(xq.float(), wq.float(), bias)
+    a_in, a_ratio, a_offset = xq, None, None
+    if integer_input:
+        a_in, a_ratio = to_levels(xq, a_grid, dtype)
+        a_offset = a_grid.offset
+    w_in, w_ratio, w_offset = wq, None, None
+    if integer_weight:
+        w_in, w_ratio = to_levels(wq, w_grid, dtype)
+        w_offset = w_grid.offset
+    out = _rescale(layer, layer.compute(a_in, w_in, None), a_in, w_in, a_ratio, a_offset, w_ratio, w_offset)
+    return out if bias is None else out.add_(_per_channel(layer, bias, out))
+
+
+def _rescale(layer: nn.Module, out: torch.Tensor, a_in: torch.Tensor, w_in: torch.Tensor,
+             a_ratio: Optional[torch.Tensor], a_offset: Optional[torch.Tensor],
+             w_ratio: Optional[torch.Tensor], w_offset: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scales and offsets applied to conv(a_in, w_in), in place (the conv does not need its output for backward)."""
+    one = torch.ones((), device=out.device)
+    a_ratio = one if a_ratio is None else a_ratio
+    w_ratio = one if w_ratio is None else w_ratio
+    out = out.mul_(_per_channel(layer, a_ratio * w_ratio, out))
+    if w_offset is not None:
+        out = out.addcmul_(_input_window_sums(layer, a_in, out), _per_channel(layer, a_ratio * w_offset, out))
+    if a_offset is not None:
+        out = out.addcmul_(_weight_window_sums(layer, a_in, w_in), _per_channel(layer, a_offset * w_ratio, out))
+    if a_offset is not None and w_offset is not None:
+        out = out.addcmul_(_window_counts(layer, a_in, out), _per_channel(layer, a_offset * w_offset, out))
+    return out
+
+
+def _per_channel(layer: nn.Module, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """A 0-d or per-output-channel value shaped to broadcast over the layer output (channels: dim 1 for conv,
+    the last dim for linear)."""
+    if value.numel() == 1:
+        return value.reshape(())
+    if isinstance(layer, nn.Conv2d):
+        return value.reshape(1, -1, *([1] * (out.dim() - 2)))
+    return value.reshape(-1)
+
+
+def _offsets_supported(layer: nn.Module) -> bool:
+    """The window sums below model zero padding; other padding modes pad with real values (float32 path then)."""
+    return isinstance(layer, nn.Linear) or (isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros")
+
+
+def _ones_kernel(layer: nn.Conv2d, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One all-ones filter per group: conv with it sums each group's input over the receptive field."""
+    return torch.ones(layer.groups, layer.in_channels // layer.groups, *layer.kernel_size, dtype=dtype, device=device)
+
+
+def _conv(layer: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+
+
+def _per_output(layer: nn.Conv2d, sums: torch.Tensor) -> torch.Tensor:
+    """Per-group sums [N, groups, H, W] broadcast to the output channels."""
+    if layer.groups == 1 or layer.groups == layer.out_channels:
+        return sums
+    return sums.repeat_interleave(layer.out_channels // layer.groups, dim=1)
+
+
+def _input_window_sums(layer: nn.Module, a_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """conv(a, 1): sum of the input levels under each receptive field (the weight offset's contribution)."""
+    if isinstance(layer, nn.Linear):
+        return a_in.sum(dim=-1, keepdim=True)
+    return _per_output(layer, _conv(layer, a_in, _ones_kernel(layer, out.dtype, out.device)))
+
+
+def _weight_window_sums(layer: nn.Module, a_in: torch.Tensor, w_in: torch.Tensor) -> torch.Tensor:
+    """conv(M, w): sum of the weight levels over the input positions each output sees (the input offset's part).
+
+    Batch-independent (one sample of ones), in float32 so the integer sums are exact.
+    """
+    with torch.autocast(a_in.device.type, enabled=False):
+        if isinstance(layer, nn.Linear):
+            return w_in.float().sum(dim=1)
+        support = torch.ones(1, *a_in.shape[1:], dtype=torch.float32, device=a_in.device)
+        return _conv(layer, support, w_in.float())
+
+
+def _window_counts(layer: nn.Module, a_in: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """conv(M, 1): how many input values each output sees (fewer at the zero-padded border)."""
+    with torch.autocast(a_in.device.type, enabled=False):
+        if isinstance(layer, nn.Linear):
+            return torch.full((1,), float(a_in.size(-1)), device=a_in.device)
+        support = torch.ones(1, *a_in.shape[1:], dtype=torch.float32, device=a_in.device)
+        return _per_output(layer, _conv(layer, support, _ones_kernel(layer, torch.float32, a_in.device)))
