@@ -115,6 +115,8 @@ class QrunConfig:
     deterministic: bool = False
     device: Device = Device.auto
     amp: bool = False
+    # Autocast dtype under amp=true: bfloat16 (no loss scaling needed) or float16 (with a GradScaler).
+    amp_dtype: str = "bfloat16"
     workers: int = 0
     progress: bool = True
     compile: bool = False
@@ -144,6 +146,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
 DIST_BACKENDS = ("gloo", "nccl")
+AMP_DTYPES = ("bfloat16", "float16")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -157,6 +160,8 @@ def validate(cfg: DictConfig) -> None:
         raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
+    if cfg.amp_dtype not in AMP_DTYPES:
+        raise choice_error("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
     if cfg.workers < 0:
         raise QrunError(f"workers={cfg.workers} is negative; accepted: 0 or more")
     for key in ("train_samples", "val_samples"):

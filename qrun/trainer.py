@@ -191,7 +191,7 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
     model = place_model(build_model(cfg), context)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.quant.lr_scale)
     scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, steps_per_epoch)
-    scaler = torch.amp.GradScaler(context.device.type) if cfg.amp else None
+    scaler = torch.amp.GradScaler(context.device.type, enabled=cfg.amp_dtype == "float16") if cfg.amp else None
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=[])
 
 

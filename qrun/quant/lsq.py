@@ -105,4 +105,5 @@ class LSQQuantizer(Quantizer):
 
     def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
         # Levels -Q_N..Q_P; an activation grid may be signed or unsigned, 2^b - 1 bounds both.
-        return IntegerGrid(self.step.detach(), None, 2 ** (self.bits - 1) if self.kind == "weight" else 2**self.bits - 1)
+        max_level = 2 ** (self.bits - 1) if self.kind == "weight" else 2**self.bits - 1
+        return IntegerGrid(self.step.detach(), None, max_level)
