@@ -178,6 +178,22 @@ def test_exact_levels_with_options(name: str, bits: int, options: dict, dtype_na
     assert relative_error(out, reference) < 3e-2
 
 
+def test_an_8_bit_grid_keeps_all_256_levels_under_bf16() -> None:
+    """Cast to bf16, an 8-bit activation grid over U(0, 100) kept 236 of its 256 levels; fed as integers, all."""
+    torch.manual_seed(0)
+    layer = QuantConv2d(4, 4, 3, weight_quantizer=build_quantizer("uniform", 8, "weight"),
+                        input_quantizer=build_quantizer("uniform", 8, "act"))
+    x = torch.rand(2, 4, 32, 32) * 100.0
+    initialize_from_data(layer, [x])
+    recorder = Recorder(layer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        layer(x)
+    fed = recorder.records[-1]["fed"][0]
+    reference = recorder.records[-1]["reference"][0]
+    assert reference.unique().numel() == 256 and reference.to(torch.bfloat16).unique().numel() == 236
+    assert fed.dtype == torch.bfloat16 and torch.equal(fed.unique().float(), torch.arange(256.0))
+
+
 @pytest.mark.parametrize("name", ["uniform", "lsq", "pact", "dorefa", "dsq", "affine"])
 def test_a_quantizer_under_autocast_computes_in_float32(name: str) -> None:
     """A bf16 input used to be quantized in bf16 arithmetic: ~0.5% of 4-bit outputs landed one level off."""
