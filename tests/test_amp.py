@@ -117,14 +117,11 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.parametrize("dtype_name", list(DTYPES))
-@pytest.mark.parametrize("name, bits, layer_type", CASES)
-def test_the_conv_under_autocast_sees_exactly_the_fp32_levels(name: str, bits: int, layer_type: str,
-                                                              dtype_name: str) -> None:
-    dtype = DTYPES[dtype_name]
+def check_layer(name: str, bits: int, layer_type: str, dtype: torch.dtype, device: str = "cpu") -> None:
+    """One layer, float32 then under autocast: exact levels into the conv, output and gradients within rounding."""
     torch.manual_seed(bits)
-    layer = quantized_layer(layer_type, name, bits)
-    x = layer_input(layer_type, bits)
+    layer = quantized_layer(layer_type, name, bits).to(device)
+    x = layer_input(layer_type, bits).to(device)
     initialize_from_data(layer, [x])
     layer.eval()  # frozen ranges: the float32 and the autocast pass quantize with the same values
     recorder = Recorder(layer)
@@ -135,7 +132,7 @@ def test_the_conv_under_autocast_sees_exactly_the_fp32_levels(name: str, bits: i
     grads32 = [x32.grad, layer.weight.grad.clone()]
     layer.zero_grad()
     x16 = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         out = layer(x16)
     out.float().square().mean().backward()
     grads16 = [x16.grad, layer.weight.grad]
@@ -154,6 +151,22 @@ def test_the_conv_under_autocast_sees_exactly_the_fp32_levels(name: str, bits: i
         if g32.abs().max() > 0:
             assert relative_error(g16, g32) < 5 * tolerance
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name, bits, layer_type", CASES)
+def test_the_conv_under_autocast_sees_exactly_the_fp32_levels(name: str, bits: int, layer_type: str,
+                                                              dtype_name: str) -> None:
+    check_layer(name, bits, layer_type, DTYPES[dtype_name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name, bits", [(name, bits) for name in QUANTIZERS for bits in accepted_bits(name)
+                                        if bits in (1, 2, 4, 8, 9, 16)])
+def test_cuda_autocast_sees_exactly_the_fp32_levels(name: str, bits: int, dtype_name: str) -> None:
+    """The same on CUDA, where autocast's convolutions run on tensor cores."""
+    check_layer(name, bits, "conv", DTYPES[dtype_name], device="cuda")
 
 
 @pytest.mark.parametrize("dtype_name", list(DTYPES))

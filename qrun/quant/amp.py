@@ -107,14 +107,15 @@ def _rescale(layer: nn.Module, out: torch.Tensor, a_in: torch.Tensor, w_in: torc
              a_ratio: Optional[torch.Tensor], a_offset: Optional[torch.Tensor],
              w_ratio: Optional[torch.Tensor], w_offset: Optional[torch.Tensor]) -> torch.Tensor:
     """Scales and offsets applied to conv(a_in, w_in), in place (the conv does not need its output for backward)."""
-    one = torch.ones((), device=out.device)
-    a_ratio = one if a_ratio is None else a_ratio
-    w_ratio = one if w_ratio is None else w_ratio
-    out = out.mul_(_per_channel(layer, a_ratio * w_ratio, out))
+    ratios = [r for r in (a_ratio, w_ratio) if r is not None]
+    if ratios:
+        out = out.mul_(_per_channel(layer, ratios[0] if len(ratios) == 1 else ratios[0] * ratios[1], out))
     if w_offset is not None:
-        out = out.addcmul_(_input_window_sums(layer, a_in, out), _per_channel(layer, a_ratio * w_offset, out))
+        coefficient = w_offset if a_ratio is None else a_ratio * w_offset
+        out = out.addcmul_(_input_window_sums(layer, a_in, out), _per_channel(layer, coefficient, out))
     if a_offset is not None:
-        out = out.addcmul_(_weight_window_sums(layer, a_in, w_in), _per_channel(layer, a_offset * w_ratio, out))
+        coefficient = a_offset if w_ratio is None else a_offset * w_ratio
+        out = out.addcmul_(_weight_window_sums(layer, a_in, w_in), _per_channel(layer, coefficient, out))
     if a_offset is not None and w_offset is not None:
         out = out.addcmul_(_window_counts(layer, a_in, out), _per_channel(layer, a_offset * w_offset, out))
     return out

@@ -84,7 +84,7 @@ def dorefa_weight_grid(y: torch.Tensor, bits: int) -> IntegerGrid:
     if bits == 1:
         return IntegerGrid(y.detach().abs().amax(), None, 1)
     n = 2**bits - 1
-    return IntegerGrid(torch.tensor(1.0 / n, device=y.device), None, n)
+    return IntegerGrid(torch.full((), 1.0 / n, device=y.device), None, n)
 
 
 def dorefa_activation(a: torch.Tensor, bits: int, compact: bool = False, grad_in_place: bool = False) -> torch.Tensor:
@@ -148,7 +148,7 @@ class DoReFaQuantizer(Quantizer):
         if self.kind == "weight":
             return dorefa_weight_grid(y, self.bits)
         n = 2**self.bits - 1
-        return IntegerGrid(torch.tensor(1.0 / n, device=y.device), None, n)
+        return IntegerGrid(torch.full((), 1.0 / n, device=y.device), None, n)
 
     def gradient_quantizer(self) -> Optional[nn.Module]:
         if self.kind == "weight" and self.g_bits != FULL_PRECISION_GRADIENT:
