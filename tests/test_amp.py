@@ -207,6 +207,24 @@ def test_an_8_bit_grid_keeps_all_256_levels_under_bf16() -> None:
     assert fed.dtype == torch.bfloat16 and torch.equal(fed.unique().float(), torch.arange(256.0))
 
 
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("geometry", [{"stride": 2, "padding": 1}, {"groups": 2, "padding": 2, "dilation": 2},
+                                      {"groups": 4, "padding": 1}, {"padding": 0, "bias": True}])
+def test_offsets_follow_the_conv_geometry(geometry: dict, dtype_name: str) -> None:
+    """DSQ's offsets (both sides) through strided, grouped, dilated and unpadded convs: the window sums and counts
+    match the float conv, zero padding included."""
+    torch.manual_seed(0)
+    layer = QuantConv2d(4, 8, 3, weight_quantizer=build_quantizer("dsq", 4, "weight"),
+                        input_quantizer=build_quantizer("dsq", 4, "act"), **{"bias": False, **geometry})
+    x = torch.rand(2, 4, 9, 9) * 10.0 + 5.0  # a lower bound far from 0: the input offset matters
+    initialize_from_data(layer, [x])
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=DTYPES[dtype_name]):
+        out = layer(x)
+    assert out.dtype == DTYPES[dtype_name]  # the integer path, not the float32 fallback
+    assert relative_error(out, reference) < (3e-2 if dtype_name == "bf16" else 5e-3)
+
+
 @pytest.mark.parametrize("name", ["uniform", "lsq", "pact", "dorefa", "dsq", "affine"])
 def test_a_quantizer_under_autocast_computes_in_float32(name: str) -> None:
     """A bf16 input used to be quantized in bf16 arithmetic: ~0.5% of 4-bit outputs landed one level off."""
