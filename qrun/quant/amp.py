@@ -24,6 +24,7 @@ from torch.autograd import Function
 from torch.nn import functional as F
 
 from qrun.quant.base import IntegerGrid
+from qrun.quant.ste import CODES_ATTR, Codes, saving_codes
 
 if TYPE_CHECKING:
     from qrun.quant.layers import QuantizedLayer
@@ -102,8 +103,22 @@ def exact_compute(layer: "QuantizedLayer", xq: torch.Tensor, wq: torch.Tensor, b
     if integer_weight:
         w_in, w_ratio = to_levels(wq, w_grid, dtype)
         w_offset = w_grid.offset
-    out = _rescale(layer, layer.compute(a_in, w_in, None), a_in, w_in, a_ratio, a_offset, w_ratio, w_offset)
+    with saving_codes(_with_level_codes(a_in, xq, dtype)):
+        out = layer.compute(a_in, w_in, None)
+    out = _rescale(layer, out, a_in, w_in, a_ratio, a_offset, w_ratio, w_offset)
     return out if bias is None else out.add_(_per_channel(layer, bias, out))
+
+
+def _with_level_codes(levels: torch.Tensor, xq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Attach the activation quantizer's 1-byte codes to the bf16 levels, so the conv saves those for backward.
+
+    The codes hold the same level q (y = offset + scale q, the representation `integer_grid` uses), so the
+    levels are (codes + shift) in bf16, exactly. fp16 levels carry a power-of-two unit (a device tensor): saved as is.
+    """
+    codes = getattr(xq, CODES_ATTR, None)
+    if codes is not None and dtype == torch.bfloat16 and levels is not xq:
+        setattr(levels, CODES_ATTR, Codes(codes.codes, 1.0, 0.0, dtype, codes.shift))
+    return levels
 
 
 def _rescale(layer: nn.Module, out: torch.Tensor, a_in: torch.Tensor, w_in: torch.Tensor,

@@ -39,6 +39,9 @@ class Quantizer(nn.Module):
     max_bits: ClassVar[int] = 16
     # True when the quantizer also rescales the layer output (XNOR-Net's K): the layer then calls scale_output.
     scales_output: ClassVar[bool] = False
+    # True when `quantize` takes bf16/fp16 inputs itself and returns exactly quantize(x.float()), in float32 (a
+    # kernel that loads low precision and computes in float32): under autocast the input is then not copied.
+    takes_low_precision: ClassVar[bool] = False
 
     def __init__(self, bits: int, kind: str) -> None:
         super().__init__()
@@ -56,7 +59,7 @@ class Quantizer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # AMP never changes the levels: quantize in float32 (the result the fp32 run gives this input).
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x.float())
+                return self._forward(x if self.takes_low_precision else x.float())
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
