@@ -16,7 +16,7 @@ from qrun import engine
 from qrun.config import validate
 from qrun.errors import QrunError
 from qrun.models import get_model
-from qrun.quant import QuantConv2d, QuantLinear, build_quantizer, initialize_from_data, quantize_model, quantizers
+from qrun.quant import QuantConv2d, QuantLinear, build_quantizer, initialize_from_data, quantize_model
 from qrun.quant.base import IntegerGrid, Quantizer, quantizer_class
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

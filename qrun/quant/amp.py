@@ -1,16 +1,16 @@
 """Quantized layers under autocast: the conv/linear sees exactly the levels the float32 quantizer gives.
 
 Casting a fake-quantized tensor y = offset + scale * k to bf16 keeps 8 significant bits, so an 8-bit grid
-loses levels (U(0, 100) kept 236 of 256 here) and a bf16 quantizer input moves outputs one level off. So under
-autocast a quantized layer
-1. its quantizers run in float32 (Quantizer.forward disables autocast and casts the input up), then
-2. when both quantizers describe their output as integer levels (`Quantizer.integer_grid`) within what the
-   autocast dtype holds exactly (bf16: |k| <= 256, fp16: |k| <= 2048), feeds the conv those integers (fp16: times
-   a power of two, so the conv output stays in fp16's range) and applies scales and offsets to its output:
+loses levels (U(0, 100) kept 236 of 256 in tests/test_amp.py) and a bf16 quantizer input moves outputs one level
+off. So under autocast:
+1. a quantized layer's quantizers run in float32 (Quantizer.forward disables autocast and casts the input up);
+2. when both describe their output as integer levels (`Quantizer.integer_grid`) within what the autocast dtype
+   holds exactly (bf16: |k| <= 256, fp16: |k| <= 2048), the layer feeds its conv those integers (fp16: times a
+   power of two, so the conv output stays in fp16's range) and applies scales and offsets to the conv output:
        conv(o_a + s_a k_a, o_w + s_w k_w) = s_a s_w conv(k_a, k_w) + s_a o_w conv(k_a, 1)
                                             + o_a s_w conv(M, k_w) + o_a o_w conv(M, 1)
    with M the input's support (ones, zero in the padding, where y is 0 and not o_a);
-3. otherwise (a grid too fine for the dtype, or no integer form) runs the quantizers and the conv in float32.
+3. otherwise (a grid too fine for the dtype, or no integer form) the layer runs its conv in float32.
 The gradients are the float layer's: d/dy of the rescaled integer conv is the conv's gradient with the weight y_w.
 """
 
