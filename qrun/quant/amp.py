@@ -115,6 +115,8 @@ def _with_level_codes(levels: torch.Tensor, xq: torch.Tensor, dtype: torch.dtype
     The codes hold the same level q (y = offset + scale q, the representation `integer_grid` uses), so the
     levels are (codes + shift) in bf16, exactly. fp16 levels carry a power-of-two unit (a device tensor): saved as is.
     """
+    if torch.compiler.is_compiling():  # saved-tensor hooks break the graph; compiled graphs plan their own saves
+        return levels
     codes = getattr(xq, CODES_ATTR, None)
     if codes is not None and dtype == torch.bfloat16 and levels is not xq:
         setattr(levels, CODES_ATTR, Codes(codes.codes, 1.0, 0.0, dtype, codes.shift))
