@@ -245,6 +245,29 @@ TINY = ["dataset.train_samples=256", "dataset.val_samples=64", "batch_size=64", 
         "+model.options.widths=[8,16]"]
 
 
+def test_compiled_autocast_layer_equals_eager() -> None:
+    """torch.compile (aot_eager) of a quantized layer under bf16 autocast: same output and gradients as eager
+    (xnor: its codes would be saved through hooks in eager mode, which the compiled path leaves out)."""
+    torch.manual_seed(0)
+    layer = quantized_layer("conv", "xnor", 1)
+    x = layer_input("conv", 1)
+    initialize_from_data(layer, [x])
+
+    def step(module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return module(inputs)
+
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager")):
+        inputs = x.clone().requires_grad_()
+        out = fn(layer, inputs)
+        out.float().square().mean().backward()
+        results.append((out.detach(), inputs.grad, layer.weight.grad.clone()))
+        layer.zero_grad()
+    for eager, compiled in zip(*results):
+        assert torch.equal(eager, compiled)
+
+
 def tiny_batches(count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 1, 14, 14, generator=generator), torch.randint(0, 10, (8,), generator=generator))
