@@ -90,6 +90,14 @@ class SchedulerConfig:
 
 
 @dataclass
+class PreemptConfig:
+    # On these signals: finish the running step, write a mid-epoch checkpoint, exit 75 (qrun.preempt).
+    # SIGUSR2 is submitit's requeue signal (the slurm preset's --signal=USR2@...): its handler runs after the save.
+    enabled: bool = True
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+
+
+@dataclass
 class QrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -135,6 +143,9 @@ class QrunConfig:
     sync_bn: bool = False
     # Under torchrun: null picks nccl on CUDA and gloo on CPU.
     dist_backend: Optional[str] = None
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    # Also write the mid-epoch checkpoint every N training steps (long epochs); null: at epoch ends only.
+    checkpoint_every_steps: Optional[int] = None
 
 
 def register_configs() -> None:
@@ -162,6 +173,13 @@ def validate(cfg: DictConfig) -> None:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
     if cfg.amp_dtype not in AMP_DTYPES:
         raise choice_error("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
+    if cfg.get("preempt") is not None:
+        from qrun.preempt import parse_signals  # the signal module only: no torch import here
+
+        parse_signals(cfg.preempt.signals)
+    every = cfg.get("checkpoint_every_steps")
+    if every is not None and every < 1:
+        raise QrunError(f"checkpoint_every_steps={every} is invalid; accepted: null (epoch ends only) or a positive integer")
     if cfg.workers < 0:
         raise QrunError(f"workers={cfg.workers} is negative; accepted: 0 or more")
     for key in ("train_samples", "val_samples"):
