@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import compose_config, run_training
-from qrun import engine
+from qrun import engine, guard
 from qrun.config import validate
 from qrun.errors import QrunError
 from qrun.models import get_model
@@ -323,6 +323,13 @@ def test_fp16_training_uses_a_grad_scaler(tmp_path: Path) -> None:
     assert math.isfinite(results["train_loss"])
     payload = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert payload["scaler"]["scale"] > 0  # the loss scale is checkpointed and resumes
+
+
+def test_a_diverging_bf16_run_is_stopped(tmp_path: Path) -> None:
+    """bf16 has no GradScaler to skip non-finite steps, so a non-finite loss is divergence as in float32."""
+    with pytest.raises(guard.Diverged, match=r"training diverged at epoch 1 step \d+ of 4: loss is (nan|inf)"):
+        run_training(["model=cnn", "dataset.train_samples=256", "dataset.val_samples=128", "batch_size=64",
+                      "epochs=2", "optimizer=sgd", "optimizer.lr=1e6", "amp=true"], tmp_path)
 
 
 def test_amp_dtype_is_validated(tmp_path: Path) -> None:
