@@ -42,6 +42,8 @@ class Quantizer(nn.Module):
     # True when `quantize` takes bf16/fp16 inputs itself and returns exactly quantize(x.float()), in float32 (a
     # kernel that loads low precision and computes in float32): under autocast the input is then not copied.
     takes_low_precision: ClassVar[bool] = False
+    # Boolean buffers the forward branches on: read once on the host and cached (see `host_flag`).
+    host_flags: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, bits: int, kind: str) -> None:
         super().__init__()
@@ -51,6 +53,7 @@ class Quantizer(nn.Module):
         # A buffer, so a checkpoint remembers that data-dependent values were already set.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._ready = False  # host-side cache of `initialized`, so the hot path does not read the buffer
+        self._flags: dict[str, bool] = {}  # host-side cache of the `host_flags` buffers
         # True when this quantizer's output feeds only its layer's conv/linear (set by QuantizedLayer): the output
         # gradient is then a fresh tensor nobody else holds, and backward may overwrite it instead of allocating.
         self.grad_in_place = False
@@ -79,6 +82,28 @@ class Quantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Turn recorded statistics into initial parameter values; called once after the calibration batches."""
         self.initialized.fill_(True)
+        self._ready = True
+
+    def host_flag(self, name: str) -> bool:
+        """The boolean buffer `name` as a Python bool, read from the device once (a read per call would be a host
+        sync per step on CUDA, and a graph break under torch.compile)."""
+        if name not in self._flags:
+            self._flags[name] = bool(getattr(self, name))
+        return self._flags[name]
+
+    def set_flag(self, name: str, value: bool) -> None:
+        getattr(self, name).fill_(value)
+        self._flags[name] = bool(value)
+
+    def refresh_host_state(self) -> None:
+        """Read `initialized` and the host flags now (before torch.compile traces the forward, after a load)."""
+        self._ready = bool(self.initialized)
+        self._flags = {name: bool(getattr(self, name)) for name in self.host_flags if hasattr(self, name)}
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # Read the loaded flags now, at load time: a resumed run's (compiled) training step then reads none.
+        self.refresh_host_state()
 
     def ensure_initialized(self, x: torch.Tensor) -> None:
         """Used without a calibration pass (a unit test, init_batches=0): initialise once from this tensor.
