@@ -206,7 +206,8 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.quant.lr_scale)
     segments = [[0, int(cfg.epochs)]]
     scheduler = schedule.build(optimizer, cfg.scheduler, segments, steps_per_epoch)
-    scaler = torch.amp.GradScaler(context.device.type, enabled=cfg.get("amp_dtype") == "float16") if cfg.amp else None
+    fp16 = cfg.get("amp_dtype") == "float16"  # only float16 autocast needs loss scaling
+    scaler = torch.amp.GradScaler(context.device.type, enabled=fp16) if cfg.amp else None
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                          steps_per_epoch=steps_per_epoch, history=[], segments=segments)
 
