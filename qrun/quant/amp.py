@@ -51,36 +51,37 @@ def exact_levels(grid: Optional[IntegerGrid], dtype: torch.dtype) -> bool:
 
 
 class _ToLevels(Function):
-    """y -> (y - offset) / scale * unit rounded to the autocast dtype; backward: grad * unit / scale in float32."""
+    """y -> (y - offset) / ratio rounded to the autocast dtype; backward: grad / ratio in float32.
+
+    ratio is the grid's scale, over a power of two `unit` for fp16 (dividing by it gives the level times unit,
+    exactly)."""
 
     @staticmethod
-    def forward(ctx, y: torch.Tensor, scale: torch.Tensor, offset: Optional[torch.Tensor],
-                unit: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        factor = 1.0 / scale if unit is None else unit / scale
-        ctx.factor = factor
+    def forward(ctx, y: torch.Tensor, ratio: torch.Tensor, offset: Optional[torch.Tensor], unit: Optional[torch.Tensor],
+                dtype: torch.dtype) -> torch.Tensor:
+        # 1-d, not 0-d: bf16 gradient / ratio then promotes to float32 in one pass.
+        ctx.ratio = ratio.reshape(1) if ratio.dim() == 0 else ratio
         if offset is None:
-            # y / s is within a few float32 ulps of the integer level; the cast below rounds it there exactly
-            # (bf16/fp16 spacing at |k| <= 256/2048 is ~2^13 times coarser), so no separate rounding pass.
-            k = torch.div(y, scale)
-        else:  # y - o can lose low bits of y (|o| >> s): round() snaps the quotient to the level
-            k = torch.div(y - offset, scale).round_()
-        if unit is not None:
-            k.mul_(unit)
-        return k.to(dtype)
+            # y / s is within a few float32 ulps of the integer level; the float32 quotient, rounded once to the
+            # autocast dtype on store, lands on it exactly (bf16/fp16 spacing at |k| <= 256/2048 is ~2^13 times
+            # coarser), so no separate rounding pass.
+            return torch.div(y, ratio, out=torch.empty_like(y, dtype=dtype))
+        # y - o can lose low bits of y (|o| >> s): round() snaps the quotient to the level (before the fp16 unit).
+        levels = torch.sub(y, offset).div_(ratio if unit is None else ratio * unit).round_()
+        return (levels if unit is None else levels.mul_(unit)).to(dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.float() * ctx.factor, None, None, None, None
+        return torch.div(grad, ctx.ratio), None, None, None, None
 
 
 def to_levels(y: torch.Tensor, grid: IntegerGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(the levels fed to the conv, the factor that turns them back into y's scale)."""
-    scale = grid.scale.float().clamp_min(TINY)
-    unit = None
-    if dtype == torch.float16:
-        unit = torch.ldexp(torch.ones_like(scale), torch.frexp(scale).exponent.clamp(*FP16_EXPONENTS))
-    levels = _ToLevels.apply(y, scale, grid.offset, unit, dtype)
-    return levels, (scale if unit is None else scale / unit)
+    ratio, unit = grid.scale.float().clamp_min(TINY), None
+    if dtype == torch.float16:  # scale = m 2^e, m in [0.5, 1): feed k 2^e, keep m
+        unit = torch.ldexp(torch.ones_like(ratio), torch.frexp(ratio).exponent.clamp(*FP16_EXPONENTS))
+        ratio = ratio / unit
+    return _ToLevels.apply(y, ratio, grid.offset, unit, dtype), ratio
 
 
 def exact_compute(layer: "QuantizedLayer", xq: torch.Tensor, wq: torch.Tensor, bias: Optional[torch.Tensor],
