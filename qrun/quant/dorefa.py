@@ -90,8 +90,10 @@ def dorefa_weight_grid(y: torch.Tensor, bits: int) -> IntegerGrid:
 def dorefa_weight_reference(t: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(eq. 9 from t = tanh(w), peak = max|t| as a 0-d tensor): the eager path, and the device path's reference."""
     peak = t.abs().max()
-    # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1.
-    return (t / (2.0 * peak)).add_(0.5).mul_(levels).round_().div_(levels).mul_(2.0).sub_(1.0), peak
+    # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1; divided by a tensor, as CUDA
+    # divides by a Python number as a * (1/b) (see ste.grid_reference_forward).
+    n = torch.full((), levels, dtype=torch.float32, device=t.device)  # exact up to 16 bits, unlike bf16
+    return (t / (2.0 * peak)).add_(0.5).mul_(levels).round_().div_(n).mul_(2.0).sub_(1.0), peak
 
 
 def dorefa_weight_reference_backward(grad: torch.Tensor, t: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
