@@ -128,6 +128,8 @@ class QrunConfig:
     deterministic: bool = False
     device: Device = Device.auto
     amp: bool = False
+    # Autocast dtype under amp=true: bfloat16 (no loss scaling needed) or float16 (with a GradScaler).
+    amp_dtype: str = "bfloat16"
     # DataLoader worker processes; null: 0 for in-memory data (MNIST family, CIFAR), several for image files on CUDA.
     workers: Optional[int] = None
     progress: bool = True
@@ -170,6 +172,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
 DIST_BACKENDS = ("gloo", "nccl")
+AMP_DTYPES = ("bfloat16", "float16")
 LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "quantize_input", "skip")  # = qrun.quant.policy.OVERRIDE_KEYS
 MAX_SEED = 2**32 - 1  # numpy's limit
 
@@ -348,6 +351,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_choices(cfg: DictConfig) -> None:
+    if cfg.get("amp_dtype", AMP_DTYPES[0]) not in AMP_DTYPES:
+        raise choice_error("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
     if cfg.optimizer.name not in OPTIMIZERS:

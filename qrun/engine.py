@@ -78,7 +78,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     channels_last: bool = False) -> dict[str, float]:
     model.train()
     meter, data_time, start = Meter(), 0.0, time.perf_counter()
-    autocast = torch.autocast(device.type) if scaler is not None else nullcontext()
+    # amp: the scaler is enabled for float16 autocast, a no-op for bfloat16 (which needs no loss scaling).
+    amp_dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
+    autocast = torch.autocast(device.type, amp_dtype) if scaler is not None else nullcontext()
     bar = tqdm(loader, desc=f"train {epoch}", leave=False, disable=not show_progress(progress), dynamic_ncols=True)
     lines = ProgressLog(f"train {epoch}", _length(loader), enabled=bar.disable)
     augment = getattr(loader, "batch_augment", None)

@@ -208,7 +208,8 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.quant.lr_scale)
     segments = [[0, int(cfg.epochs)]]
     scheduler = schedule.build(optimizer, cfg.scheduler, segments, steps_per_epoch)
-    scaler = torch.amp.GradScaler(context.device.type) if cfg.amp else None
+    fp16 = cfg.get("amp_dtype") == "float16"  # only float16 autocast needs loss scaling
+    scaler = torch.amp.GradScaler(context.device.type, enabled=fp16) if cfg.amp else None
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                          steps_per_epoch=steps_per_epoch, history=[], segments=segments)
 
@@ -247,7 +248,9 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, va
     the running epoch, a preemption the running step."""
     cfg = context.cfg
     stop = stop or preempt.StopRequest()
-    tracker = guard.StepTracker(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), amp=cfg.amp)
+    # Only float16 AMP has a GradScaler that skips non-finite steps; under bf16 a non-finite loss is divergence.
+    tracker = guard.StepTracker(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                                amp=cfg.amp and cfg.get("amp_dtype") == "float16")
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)

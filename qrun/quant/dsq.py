@@ -28,7 +28,7 @@ from torch.autograd import Function
 
 from qrun.quant import kernels
 from qrun.quant.kernels import device
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import Codes, above, affine_levels, below, encode, fused_levels, int8_shift, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
 
@@ -298,3 +298,10 @@ class DSQQuantizer(Quantizer):
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha), "lower": scalar(self.lower), "upper": scalar(self.upper)}
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        lower, upper = self.lower.detach(), self.upper.detach()
+        delta = (upper - lower) / self.levels
+        if self.kind == "weight":  # l + Delta q = (l + u) / 2 + (Delta / 2)(2 q - n): offset ~0 for weights
+            return IntegerGrid(delta / 2.0, (lower + upper) / 2.0, self.levels)
+        return IntegerGrid(delta, lower, self.levels)  # l ~ 0 after a ReLU
