@@ -20,7 +20,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, complexity, distributed, guard, lock, preempt, quant, resources, runconfig, schedule
+from qrun import (checkpoint, complexity, distributed, guard, lock, preempt, progress, quant, resources, runconfig,
+                  schedule)
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches, resolve_num_classes
 from qrun.guard import Diverged
@@ -29,8 +30,9 @@ from qrun.errors import QrunError
 from qrun.int8 import modes as int8_modes
 from qrun.models import get_model
 from qrun.optim import build_optimizer
+from qrun.results import read_results
 from qrun.steps import EpochSteps
-from qrun.tb import Logger
+from qrun.tb import Logger, hparams_of
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -76,6 +78,7 @@ def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any
             resolve_num_classes(cfg.dataset)
             context = RunContext(cfg=cfg, output_dir=folder, device=distributed.device_for(device, dist_info),
                                  started=time.perf_counter(), dist=dist_info)
+            progress.start_run(cfg, context.device, context.output_dir)
             configure_determinism(cfg.seed, cfg.deterministic)
             return MODES[mode](context)
     finally:
@@ -214,7 +217,8 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.quant.lr_scale)
     segments = [[0, int(cfg.epochs)]]
     scheduler = schedule.build(optimizer, cfg.scheduler, segments, steps_per_epoch)
-    scaler = torch.amp.GradScaler(context.device.type) if cfg.amp else None
+    fp16 = cfg.get("amp_dtype") == "float16"  # only float16 autocast needs loss scaling
+    scaler = torch.amp.GradScaler(context.device.type, enabled=fp16) if cfg.amp else None
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                          steps_per_epoch=steps_per_epoch, history=[], segments=segments)
 
@@ -257,10 +261,13 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, te
     """
     cfg = context.cfg
     stop = stop or preempt.StopRequest()
-    tracker = guard.StepTracker(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), amp=cfg.amp)
+    # Only float16 AMP has a GradScaler that skips non-finite steps; under bf16 a non-finite loss is divergence.
+    tracker = guard.StepTracker(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+                                amp=cfg.amp and cfg.get("amp_dtype") == "float16")
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
+    logger.hparams(hparams_of(cfg))
     metrics: dict[str, float] = dict(state.history[-1]) if state.history else {}
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -648,12 +655,8 @@ def finished_results(context: RunContext) -> Optional[dict[str, Any]]:
     path = context.output_dir / RESULTS_FILE
     if not cfg.auto_resume or not path.is_file():
         return None
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s): treated as not finished", path, error)
-        return None
-    if not isinstance(results, dict) or results.get("status") != "finished" or results.get("mode") != "train":
+    results = read_results(path)  # empty, corrupt or unreadable: a warning, then "not finished"
+    if results is None or results.get("status") != "finished" or results.get("mode") != "train":
         return None
     # The stored config already matched the requested one (runconfig.for_run); only epochs may differ.
     epoch = int(results.get("epoch") or 0)
