@@ -514,12 +514,12 @@ def _check_val_split(cfg: DictConfig) -> None:
     if value is None:
         return
     if not (0.0 < value < 1.0 or (value >= 1 and float(value).is_integer())):
-        raise QrunError(f"dataset.val_split={_show(value)} is invalid; accepted: null (none), a fraction 0 < f < 1 "
+        raise QrunError(f"dataset.val_split={_num(value)} is invalid; accepted: null (none), a fraction 0 < f < 1 "
                         "of the training data, or a whole number of samples >= 1")
     facts = DATASETS.get(data.name)
     size = facts.train_size if facts is not None else None
     if size is not None and value >= size:
-        raise QrunError(f"dataset.val_split={_show(value)} holds out all {size} training images of {data.name}; "
+        raise QrunError(f"dataset.val_split={_num(value)} holds out all {size} training images of {data.name}; "
                         f"accepted: a fraction 0 < f < 1 or a count 1..{size - 1}")
 
 

@@ -265,7 +265,7 @@ def validation_size(val_split: Optional[float], total: int) -> int:
         return 0
     count = round(val_split * total) if val_split < 1 else int(val_split)
     if not 1 <= count < total:
-        raise QrunError(f"dataset.val_split={val_split} holds out {count} of the {total} training samples; "
+        raise QrunError(f"dataset.val_split={val_split:g} holds out {count} of the {total} training samples; "
                         f"accepted: a fraction or count that leaves 1..{total - 1} samples for validation")
     return count
 

@@ -81,8 +81,9 @@ def test_validation_images_are_not_augmented(tmp_path: Path, digits: Path) -> No
 
 @pytest.mark.parametrize("value, message", [
     ("1.5", r"dataset.val_split=1.5 is invalid; accepted: null \(none\), a fraction"),
-    ("0", r"dataset.val_split=0.0 is invalid"),
-    ("300", r"dataset.val_split=300.0 holds out 300 of the 300 training samples; accepted: .* 1..299"),
+    ("0", r"dataset.val_split=0 is invalid"),
+    ("300", r"dataset.val_split=300 holds out 300 of the 300 training samples; accepted: .* 1..299"),
+    ("60000", r"dataset.val_split=60000 holds out all 60000 training images of mnist; accepted: .* 1..59999"),
 ])
 def test_bad_validation_split_is_refused(tmp_path: Path, digits: Path, value: str, message: str) -> None:
     cfg = compose_config(["dataset=mnist", f"dataset.root={digits}", f"dataset.val_split={value}"], tmp_path)
