@@ -33,7 +33,28 @@ from qrun.quant.uniform import RangeObserver
 
 ALPHA_INIT = 0.2  # section 4 of the paper
 ALPHA_MIN, ALPHA_MAX = 1e-4, 0.5  # alpha lives in (0, 0.5]; 1e-4 keeps log(2/alpha - 1) finite
-MIN_WIDTH = 1e-6  # smallest u - l we let the optimizer reach
+MIN_WIDTH = 1e-6  # smallest u - l we let the optimizer reach near 0
+# ... and relative to the bounds' size: an absolute 1e-6 is below float32 resolution once |l| > 32 (u == l, and
+# Delta = 0 divides by zero in the next forward).
+MIN_REL_WIDTH = 1e-3
+
+
+def min_width(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Smallest u - l kept by the projection: 1e-3 of max(|l|, |u|), at least MIN_WIDTH (tensor ops, no sync)."""
+    return torch.maximum(lower.abs(), upper.abs()).mul(MIN_REL_WIDTH).clamp_(min=MIN_WIDTH)
+
+
+class _ScaleGrad(Function):
+    """Identity forward; multiplies the gradient by `scale` (LSQ's gradient scale, section 2.2)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def dsq_levels(x: torch.Tensor, lower: float, upper: float, levels: int) -> torch.Tensor:
@@ -213,9 +234,17 @@ class DSQQuantizer(Quantizer):
     name = "dsq"
     min_bits, max_bits = 1, 16
 
-    def __init__(self, bits: int, kind: str, alpha: float = ALPHA_INIT) -> None:
-        """alpha: initial value of the characteristic variable (0.2 in the paper), kept in (0, 0.5]."""
+    def __init__(self, bits: int, kind: str, alpha: float = ALPHA_INIT, grad_scale: bool = False) -> None:
+        """alpha: initial value of the characteristic variable (0.2 in the paper), kept in (0, 0.5].
+
+        grad_scale: multiply the l/u gradients by g = 1/sqrt(N n) (N elements per tensor for weights, per sample
+        for activations; n intervals), as LSQ scales its step. The raw dQ/dl, dQ/du are sums over all N elements,
+        so one SGD step at lr 0.01 moves a resnet18 weight bound by ~1x its range (measured), enough to cross u
+        and l; scaled, bound updates are as small relative to the range as weight updates are to the weights.
+        configs/quant/dsq.yaml turns it on; off gives the paper's equations exactly (what the gradient tests check).
+        """
         super().__init__(bits, kind)
+        self.grad_scale = bool(grad_scale)
         self.levels = 2**self.bits - 1
         self.alpha = nn.Parameter(torch.tensor(min(max(float(alpha), ALPHA_MIN), ALPHA_MAX)))
         # l/u are placeholders until calibration: weights from the weight tensor, activations from data.
@@ -232,7 +261,7 @@ class DSQQuantizer(Quantizer):
         lo, hi = self._observer.min(), self._observer.max()
         with torch.no_grad():
             self.lower.fill_(lo)
-            self.upper.fill_(max(hi, lo + MIN_WIDTH))
+            self.upper.fill_(max(hi, lo + max(MIN_WIDTH, MIN_REL_WIDTH * max(abs(lo), abs(hi)))))
         self._observer = RangeObserver()
         super().finish_calibration()
 
@@ -240,15 +269,18 @@ class DSQQuantizer(Quantizer):
     def _project(self) -> None:
         """Projected gradient descent: after each optimizer step, bring alpha back into (0, 0.5] and keep u > l."""
         self.alpha.clamp_(ALPHA_MIN, ALPHA_MAX)
-        if scalar(self.upper) - scalar(self.lower) < MIN_WIDTH:
-            self.upper.copy_(self.lower + MIN_WIDTH)
+        self.upper.copy_(torch.maximum(self.upper, self.lower + min_width(self.lower, self.upper)))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_initialized(x)
         if self.training:
             self._project()
         compact = self.kind == "act" and torch.is_grad_enabled()
-        return with_codes(*_DSQFunction.apply(x, self.lower, self.upper, self.alpha, self.levels, compact,
+        lower, upper = self.lower, self.upper
+        if self.grad_scale and torch.is_grad_enabled():
+            scale = 1.0 / math.sqrt((x.numel() if self.kind == "weight" else x[0].numel()) * self.levels)
+            lower, upper = _ScaleGrad.apply(lower, scale), _ScaleGrad.apply(upper, scale)
+        return with_codes(*_DSQFunction.apply(x, lower, upper, self.alpha, self.levels, compact,
                                               self.grad_in_place))
 
     def learned_values(self) -> dict[str, float]:
