@@ -35,6 +35,8 @@ class Device(Enum):
 class ModelConfig:
     name: str = MISSING
     options: dict[str, Any] = field(default_factory=dict)
+    # torchvision's ImageNet weights (resnet18/34/50) through its weights API and cache (TORCH_HOME).
+    pretrained: bool = False
 
 
 @dataclass
@@ -90,12 +92,22 @@ class SchedulerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained qrun run (qrun.distill); off while `teacher` is null."""
+
+    teacher: Optional[str] = None  # a qrun run directory or checkpoint file, usually the float run
+    weight: float = 0.5  # w in (1 - w) CE + w T^2 KL
+    temperature: float = 1.0
+
+
+@dataclass
 class QrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     mode: Mode = Mode.train
     resume: Optional[str] = None
     # Where the run writes; null means Hydra's run directory (the normal case on the command line).
@@ -171,8 +183,19 @@ def validate(cfg: DictConfig) -> None:
         raise choice_error("scheduler.name", cfg.scheduler.name, SCHEDULERS)
     if cfg.quant.first_last not in FIRST_LAST_POLICIES:
         raise choice_error("quant.first_last", cfg.quant.first_last, FIRST_LAST_POLICIES)
+    _check_distill(cfg)
     if mode_name(cfg) != Mode.train.value and not cfg.resume:
         raise QrunError(f"mode={mode_name(cfg)} needs resume=<checkpoint file or run directory>")
+
+
+def _check_distill(cfg: DictConfig) -> None:
+    distill = cfg.get("distill")
+    if distill is None:
+        return
+    if not 0.0 <= distill.weight <= 1.0:
+        raise QrunError(f"distill.weight={distill.weight} is out of range; accepted: 0 <= value <= 1")
+    if not distill.temperature > 0.0:
+        raise QrunError(f"distill.temperature={distill.temperature} is invalid; accepted: a positive number")
 
 
 def _check_positive(cfg: DictConfig, keys: tuple[str, ...]) -> None:

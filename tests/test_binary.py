@@ -7,10 +7,13 @@ import warnings
 import pytest
 import torch
 
-from conftest import run_training
+from qrun import checkpoint
+from qrun.data import build_datasets
 from qrun.models import get_model
-from qrun.quant import quantize_model
+from qrun.quant import initialize_from_data, quantize_model
 from qrun.quant.layers import QuantConv2d
+from qrun.trainer import build_model
+from tests.conftest import compose_config, run_training
 
 
 def binarized_input_levels(model: torch.nn.Module, images: torch.Tensor) -> dict[str, int]:
@@ -53,8 +56,6 @@ def test_standard_block_explodes_and_binary_block_does_not() -> None:
 def test_xnor_warns_when_binarized_inputs_are_never_negative() -> None:
     images = torch.randn(8, 1, 28, 28)
     model = quantize_model(get_model("resnet20", 10, 1), "xnor", 1, 1, True)
-    from qrun.quant import initialize_from_data
-
     with pytest.warns(UserWarning, match="block=binary"):
         initialize_from_data(model, [images])
     assert set(binarized_input_levels(model, images).values()) == {1}  # every binarized input is all +1
@@ -71,10 +72,6 @@ def test_w1a1_resnet20_trains_on_fashion_mnist(tmp_path, fashion_mnist_available
     losses = [h["train_loss"] for h in results["history"]]
     assert losses[-1] < losses[0] - 0.3, losses  # measured 2.51 -> 1.98
     assert results["top1"] > 20.0  # chance is 10%; measured 25.0 on these 256 validation images
-    from qrun.data import build_datasets
-    from qrun.trainer import build_model
-    from conftest import compose_config
-    from qrun import checkpoint
 
     cfg = compose_config(["model=resnet20", "model.options.block=binary", "quant=xnor", "bits=1",
                           "quantize_input=true"], tmp_path)
