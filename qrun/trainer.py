@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, complexity, distributed, quant, resources
+from qrun import checkpoint, complexity, distributed, quant, resources, weights
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
 from qrun.engine import evaluate, to_device, train_one_epoch
@@ -174,9 +174,11 @@ def train(context: RunContext) -> dict[str, Any]:
         restore_training_state(state, resume_path, cfg)
         log.info("resumed from %s at epoch %d", resume_path, state.epoch + 1)
     else:
+        if cfg.model.pretrained:
+            weights.load_pretrained(state.model, cfg.model.name)
         if cfg.init_from:
             path = checkpoint.resolve(cfg.init_from, prefer=checkpoint.BEST)
-            load_initial_weights(state.model, checkpoint.load(path), cfg, path)
+            load_initial_weights(state.model, weights.read_initial(path), cfg, path)
         used = quant.initialize_from_data(state.model, (to_device(b, b, context.device, cfg.channels_last)[0]
                                                         for b in first_batches(
             data.train, cfg.quant.init_batches, cfg.batch_size, cfg.seed)))
@@ -270,6 +272,10 @@ def resume_checkpoint(cfg: DictConfig, context: RunContext) -> Optional[Path]:
 def load_initial_weights(model: nn.Module, payload: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Start from another run's weights (init_from=, mode=calibrate): same network and dataset, any quantizer."""
     saved = payload["architecture"]
+    if saved is None:  # a plain state dict (torchvision .pth, DataParallel dict...): qrun.weights fits it
+        weights.fit_state(model, payload["model"], path)
+        log.info("weights from %s (a plain state dict)", path)
+        return
     for key in ("model", "dataset"):
         if saved.get(key) != architecture(cfg)[key]:
             raise QrunError(f"checkpoint {path} is for {key}={saved.get(key)}, the config has {key}="
