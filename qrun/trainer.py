@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, complexity, distributed, quant, resources, weights
+from qrun import checkpoint, complexity, distill, distributed, quant, resources, weights
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
 from qrun.engine import evaluate, to_device, train_one_epoch
@@ -201,7 +201,8 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
         val_loader: EpochLoader) -> dict[str, float]:
     """Epochs from the one after `state.epoch` to cfg.epochs; a checkpoint after each, so a kill costs one epoch."""
     cfg = context.cfg
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    criterion = distill.wrap_criterion(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), cfg,
+                                       context.device, build_model)  # a teacher when distill.teacher is set
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
@@ -223,6 +224,7 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
             state.epoch, state.best_top1 = epoch, max(state.best_top1, val_metrics["top1"])
             state.history.append(metrics)
             log_epoch(logger, state.model, metrics)
+            distill.log_epoch(criterion, logger, epoch)
             if context.dist.is_main:
                 save_checkpoints(state, context, metrics, is_best=val_metrics["top1"] >= state.best_top1)
     finally:
