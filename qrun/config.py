@@ -189,6 +189,13 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_distill(cfg: DictConfig) -> None:
+    """distill.* ranges, and model.pretrained only where torchvision has weights (checked before any data loads)."""
+    if cfg.model.get("pretrained"):
+        from qrun.weights import TORCHVISION_WEIGHTS
+
+        if cfg.model.name not in TORCHVISION_WEIGHTS:
+            raise QrunError(f"model.pretrained=true has no torchvision weights for model={cfg.model.name}; "
+                            f"accepted: {', '.join(TORCHVISION_WEIGHTS)}")
     distill = cfg.get("distill")
     if distill is None:
         return
