@@ -46,8 +46,11 @@ def _job(cfg: DictConfig) -> Optional[dict[str, Any]]:
 
 
 def _record_failure(path: Path, error: BaseException) -> None:
+    if not getattr(error, "record_in_folder", True):  # qrun.lock.FolderLocked: the folder belongs to a live run
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": "failed", "error": f"{type(error).__name__}: {error}"}, indent=2))
+    status = getattr(error, "status", "failed")  # "diverged" for qrun.guard.Diverged
+    path.write_text(json.dumps({"status": status, "error": f"{type(error).__name__}: {error}"}, indent=2))
 
 
 def main() -> None:

@@ -101,6 +101,14 @@ class DistillConfig:
 
 
 @dataclass
+class PreemptConfig:
+    # On these signals: finish the running step, write a mid-epoch checkpoint, exit 75 (qrun.preempt).
+    # SIGUSR2 is submitit's requeue signal (the slurm preset's --signal=USR2@...): its handler runs after the save.
+    enabled: bool = True
+    signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1", "SIGUSR2"])
+
+
+@dataclass
 class QrunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -145,6 +153,9 @@ class QrunConfig:
     sync_bn: bool = False
     # Under torchrun: null picks nccl on CUDA and gloo on CPU.
     dist_backend: Optional[str] = None
+    preempt: PreemptConfig = field(default_factory=PreemptConfig)
+    # Also write the mid-epoch checkpoint every N training steps (long epochs); null: at epoch ends only.
+    checkpoint_every_steps: Optional[int] = None
 
 
 def register_configs() -> None:
@@ -156,6 +167,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
 DIST_BACKENDS = ("gloo", "nccl")
+PRETRAINED_MODELS = ("resnet18", "resnet34", "resnet50")  # torchvision ImageNet weights (qrun.weights)
 
 
 def validate(cfg: DictConfig) -> None:
@@ -169,6 +181,13 @@ def validate(cfg: DictConfig) -> None:
         raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
+    if cfg.get("preempt") is not None:
+        from qrun.preempt import parse_signals  # the signal module only: no torch import here
+
+        parse_signals(cfg.preempt.signals)
+    every = cfg.get("checkpoint_every_steps")
+    if every is not None and every < 1:
+        raise QrunError(f"checkpoint_every_steps={every} is invalid; accepted: null (epoch ends only) or a positive integer")
     if cfg.workers < 0:
         raise QrunError(f"workers={cfg.workers} is negative; accepted: 0 or more")
     for key in ("train_samples", "val_samples"):
@@ -190,12 +209,9 @@ def validate(cfg: DictConfig) -> None:
 
 def _check_distill(cfg: DictConfig) -> None:
     """distill.* ranges, and model.pretrained only where torchvision has weights (checked before any data loads)."""
-    if cfg.model.get("pretrained"):
-        from qrun.weights import TORCHVISION_WEIGHTS
-
-        if cfg.model.name not in TORCHVISION_WEIGHTS:
-            raise QrunError(f"model.pretrained=true has no torchvision weights for model={cfg.model.name}; "
-                            f"accepted: {', '.join(TORCHVISION_WEIGHTS)}")
+    if cfg.model.get("pretrained") and cfg.model.name not in PRETRAINED_MODELS:
+        raise QrunError(f"model.pretrained=true has no torchvision weights for model={cfg.model.name}; "
+                        f"accepted: {', '.join(PRETRAINED_MODELS)}")
     distill = cfg.get("distill")
     if distill is None:
         return

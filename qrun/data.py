@@ -7,6 +7,7 @@ package `dataset-fashion-mnist` ships exactly those files, and a 60k x 28 x 28 t
 from __future__ import annotations
 
 import gzip
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,19 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 100_003 + epoch
 
 
+class SkipBatches:
+    """A batch sampler without its first `count` batches (the sampler's permutation is drawn all the same)."""
+
+    def __init__(self, batch_sampler, count: int) -> None:
+        self.batch_sampler, self.count = batch_sampler, count
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(iter(self.batch_sampler), self.count, None)
+
+    def __len__(self) -> int:
+        return max(0, len(self.batch_sampler) - self.count)
+
+
 class EpochLoader:
     """A DataLoader whose shuffle order and worker seeds are a pure function of (seed, epoch)."""
 
@@ -226,11 +240,18 @@ class EpochLoader:
                                  sampler=self.sampler, num_workers=workers, pin_memory=pin_memory,
                                  generator=self.generator, persistent_workers=False)
 
-    def epoch(self, epoch: int) -> DataLoader:
+    def epoch(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """The epoch's loader; `start_batch` > 0 skips its first batches by index (no data loaded), so a run
+        resumed mid-epoch sees exactly the batches an uninterrupted one would (same draws, same order)."""
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
         if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        return self.loader
+        if start_batch <= 0:
+            return self.loader
+        loader = self.loader
+        return DataLoader(loader.dataset, batch_sampler=SkipBatches(loader.batch_sampler, start_batch),
+                          num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+                          collate_fn=loader.collate_fn, generator=self.generator)
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -15,7 +15,6 @@ holds its own copy (it has no gradients to synchronise). Built by `fit`, it is r
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -73,11 +72,7 @@ class DistillationLoss(nn.Module):
 
 def load_teacher(cfg: DictConfig, device: torch.device, build_model: Callable[[DictConfig], nn.Module]) -> nn.Module:
     """The teacher network of `distill.teacher`, built from its own stored config and weights."""
-    source = Path(str(cfg.distill.teacher)).expanduser()
-    if not source.exists():
-        raise QrunError(f"distill.teacher={cfg.distill.teacher} does not exist; accepted: a qrun run directory or "
-                        "checkpoint file")
-    path = checkpoint.resolve(str(source), prefer=checkpoint.BEST)
+    path = checkpoint.resolve(str(cfg.distill.teacher), prefer=checkpoint.BEST, key="distill.teacher")
     payload = checkpoint.load(path)
     teacher_cfg = OmegaConf.create(payload["config"])
     dataset, classes = payload["architecture"].get("dataset"), teacher_cfg.dataset.num_classes

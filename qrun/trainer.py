@@ -13,21 +13,25 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import checkpoint, complexity, distill, distributed, quant, resources, weights
+from qrun import (
+    checkpoint, complexity, distill, distributed, guard, lock, preempt, quant, resources, runconfig, schedule, weights,
+)
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
+from qrun.guard import Diverged
 from qrun.engine import evaluate, to_device, train_one_epoch
 from qrun.errors import QrunError
 from qrun.int8 import modes as int8_modes
 from qrun.models import get_model
-from qrun.optim import build_optimizer, build_scheduler
+from qrun.optim import build_optimizer
+from qrun.steps import EpochSteps
 from qrun.tb import Logger
 
 log = logging.getLogger(__name__)
@@ -50,8 +54,12 @@ class RunContext:
         return self.output_dir / "checkpoints"
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, set up, and run the requested mode; returns what was written to results.json."""
+def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """Validate, set up, and run the requested mode; returns what was written to results.json.
+
+    `overrides`: what the user typed (Hydra's task overrides are used under the CLI); a resume or evaluation
+    takes every other key from the checkpoint's stored config (qrun.runconfig).
+    """
     validate(cfg)
     resources.configure_threads(cfg.threads)
     mode = mode_name(cfg)
@@ -61,11 +69,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     dist_info = distributed.setup(device, cfg.dist_backend)
     try:
         # Every rank writes into rank 0's folder: a timestamped run dir may resolve differently on other ranks.
-        context = RunContext(cfg=cfg, output_dir=Path(distributed.broadcast_object(str(output_dir(cfg)), dist_info)),
-                             device=distributed.device_for(device, dist_info), started=time.perf_counter(),
-                             dist=dist_info)
-        configure_determinism(cfg.seed, cfg.deterministic)
-        return MODES[mode](context)
+        folder = Path(distributed.broadcast_object(str(output_dir(cfg)), dist_info))
+        with lock.held(folder, enabled=dist_info.is_main):
+            cfg = runconfig.for_run(cfg, folder, overrides)
+            context = RunContext(cfg=cfg, output_dir=folder, device=distributed.device_for(device, dist_info),
+                                 started=time.perf_counter(), dist=dist_info)
+            configure_determinism(cfg.seed, cfg.deterministic)
+            return MODES[mode](context)
     finally:
         distributed.teardown(dist_info)
 
@@ -155,9 +165,16 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: Optional[torch.amp.GradScaler]
-    epoch: int = 0
+    steps_per_epoch: int = 1
+    epoch: int = 0  # epochs completed
     best_top1: float = float("-inf")
+    best_epoch: Optional[int] = None
     history: list[dict[str, float]] | None = None
+    # The lr plan: [first step, epochs] segments (qrun.schedule); more than one after a resume changed epochs.
+    segments: list[list[int]] | None = None
+    # A mid-epoch checkpoint's place: {"epoch", "batch", "sampler_seed"} and each rank's StepTracker state.
+    position: Optional[dict[str, int]] = None
+    tracker_states: Optional[list[dict[str, Any]]] = None
 
 
 def train(context: RunContext) -> dict[str, Any]:
@@ -166,43 +183,74 @@ def train(context: RunContext) -> dict[str, Any]:
     if finished is not None:
         log.info("already finished in %s (epoch %d); nothing to do", context.output_dir, finished["epoch"])
         return finished
-    data = build_datasets(cfg.dataset)
-    train_loader, val_loader = build_loaders(cfg, data, context.device, context.dist)
-    state = build_training_state(cfg, context, len(train_loader))
-    resume_path = resume_checkpoint(cfg, context)
-    if resume_path is not None:
-        restore_training_state(state, resume_path, cfg)
-        log.info("resumed from %s at epoch %d", resume_path, state.epoch + 1)
-    else:
-        if cfg.model.pretrained:
-            weights.load_pretrained(state.model, cfg.model.name)
-        if cfg.init_from:
-            path = checkpoint.resolve(cfg.init_from, prefer=checkpoint.BEST)
-            load_initial_weights(state.model, weights.read_initial(path), cfg, path)
-        used = quant.initialize_from_data(state.model, (to_device(b, b, context.device, cfg.channels_last)[0]
-                                                        for b in first_batches(
-            data.train, cfg.quant.init_batches, cfg.batch_size, cfg.seed)))
-        if used:
-            log.info("initialised quantizers from %d training batches", used)
-    state.model = distributed.prepare_model(state.model, context.dist, cfg.sync_bn)
-    metrics = fit(state, context, train_loader, val_loader)
+    with preempt.installed(cfg.preempt.signals, cfg.preempt.enabled) as stop:
+        prepare_checkpoint_dir(context)
+        data = build_datasets(cfg.dataset)
+        train_loader, val_loader = build_loaders(cfg, data, context.device, context.dist)
+        state = build_training_state(cfg, context, len(train_loader))
+        resume_path = resume_checkpoint(cfg, context)
+        if resume_path is not None:
+            restore_training_state(state, resume_path, cfg, context)
+        else:
+            initialize_weights(state, context, data)
+        state.model = distributed.prepare_model(state.model, context.dist, cfg.sync_bn)
+        try:
+            metrics = fit(state, context, train_loader, val_loader, stop)
+        except Diverged as error:
+            record_divergence(state, context, error)
+            raise
     return finish_training(state, context, metrics)
 
 
 def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: int) -> TrainingState:
     model = place_model(build_model(cfg), context)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.quant.lr_scale)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, cfg.epochs, steps_per_epoch)
+    segments = [[0, int(cfg.epochs)]]
+    scheduler = schedule.build(optimizer, cfg.scheduler, segments, steps_per_epoch)
     scaler = torch.amp.GradScaler(context.device.type) if cfg.amp else None
-    return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=[])
+    return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                         steps_per_epoch=steps_per_epoch, history=[], segments=segments)
 
 
-def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
-        val_loader: EpochLoader) -> dict[str, float]:
-    """Epochs from the one after `state.epoch` to cfg.epochs; a checkpoint after each, so a kill costs one epoch."""
+def initialize_weights(state: TrainingState, context: RunContext, data: DataSplits) -> None:
+    """A fresh run: another run's weights if init_from= names one, then data-dependent quantizer values."""
     cfg = context.cfg
+    if cfg.model.pretrained:
+        weights.load_pretrained(state.model, cfg.model.name)
+    if cfg.init_from:
+        path = checkpoint.resolve(cfg.init_from, prefer=checkpoint.BEST, key="init_from")
+        load_initial_weights(state.model, weights.read_initial(path), cfg, path)
+    batches = (to_device(b, b, context.device, cfg.channels_last)[0]
+               for b in first_batches(data.train, cfg.quant.init_batches, cfg.batch_size, cfg.seed))
+    used = quant.initialize_from_data(state.model, batches)
+    if used:
+        log.info("initialised quantizers from %d training batches", used)
+
+
+def prepare_checkpoint_dir(context: RunContext) -> None:
+    """Under the folder lock: drop temporary files of interrupted writes, and make best.pt agree with last.pt."""
+    if not context.dist.is_main:
+        return
+    for stale in checkpoint.remove_stale_temporaries(context.checkpoint_dir):
+        log.warning("removed %s, left by an interrupted checkpoint write", stale)
+    last = context.checkpoint_dir / checkpoint.LAST
+    if last.is_file():
+        repaired = checkpoint.repair_best(checkpoint.load(last, mmap=True), last,
+                                          context.checkpoint_dir / checkpoint.BEST)
+        if repaired:
+            log.warning("%s", repaired)
+
+
+def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, val_loader: EpochLoader,
+        stop: Optional[preempt.StopRequest] = None) -> dict[str, float]:
+    """Epochs from the saved position to cfg.epochs. A checkpoint pair after each epoch; between two steps the
+    preemption flag, the divergence guard and checkpoint_every_steps (see between_steps): a kill costs at most
+    the running epoch, a preemption the running step."""
+    cfg = context.cfg
+    stop = stop or preempt.StopRequest()
     criterion = distill.wrap_criterion(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), cfg,
                                        context.device, build_model)  # a teacher when distill.teacher is set
+    tracker = guard.StepTracker(criterion, amp=cfg.amp)
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
@@ -210,26 +258,102 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader,
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             quant.on_epoch_start(state.model, epoch)  # observer / BN-statistics freezing schedules
-            lr = state.optimizer.param_groups[0]["lr"]
-            train_metrics = train_one_epoch(step_model, criterion, state.optimizer, state.scheduler,
-                                            train_loader.epoch(epoch), context.device, epoch, cfg.progress,
-                                            state.scaler, cfg.channels_last)
-            train_metrics = distributed.reduce_metrics(train_metrics, len(train_loader.loader.sampler),
-                                                       context.dist, averaged=("loss", "top1"))
+            start = start_epoch(state, tracker, epoch, context)
+            batches = EpochSteps(train_loader.epoch(epoch, start), start,
+                                 between_steps(state, context, tracker, stop, epoch, start))
+            lr = epoch_start_lr(state, epoch)
+            train_metrics = train_epoch(step_model, tracker, state, context, batches, epoch)
+            if batches.stopped:
+                preempted(state, context, tracker, stop, epoch, batches.batch, start)
+            train_metrics = epoch_train_metrics(tracker, train_metrics, context, epoch, state.steps_per_epoch)
             val_metrics = evaluate(step_model, val_loader.epoch(epoch), context.device, progress=cfg.progress,
                                    channels_last=cfg.channels_last)
             val_metrics = distributed.reduce_metrics(val_metrics, val_metrics["samples"], context.dist,
                                                      averaged=("loss", "top1", "top5"))
             metrics = epoch_metrics(epoch, lr, train_metrics, val_metrics)
-            state.epoch, state.best_top1 = epoch, max(state.best_top1, val_metrics["top1"])
-            state.history.append(metrics)
+            is_best = record_epoch(state, metrics)
             log_epoch(logger, state.model, metrics)
-            distill.log_epoch(criterion, logger, epoch)
-            if context.dist.is_main:
-                save_checkpoints(state, context, metrics, is_best=val_metrics["top1"] >= state.best_top1)
+            distill.log_epoch(tracker.criterion, logger, epoch)
+            save_checkpoints(state, context, metrics, is_best=is_best)
+            if stop.should_stop(0):
+                preempted(state, context, tracker, stop, epoch, state.steps_per_epoch, state.steps_per_epoch)
     finally:
         logger.close()
     return metrics
+
+
+def epoch_start_lr(state: TrainingState, epoch: int) -> float:
+    """The lr of the epoch's first step, as LambdaLR computes it (also for an epoch resumed mid-way)."""
+    scheduler = state.scheduler
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0]((epoch - 1) * state.steps_per_epoch)
+
+
+def start_epoch(state: TrainingState, tracker: guard.StepTracker, epoch: int, context: RunContext) -> int:
+    """The batch this epoch starts at: a mid-epoch checkpoint's position (its sums restored), else 0."""
+    if state.position is not None and int(state.position["epoch"]) == epoch:
+        start = int(state.position["batch"])
+        tracker.load_state(state.tracker_states[context.dist.rank], context.device)
+        state.position = state.tracker_states = None
+        return start
+    tracker.reset(context.device)
+    return 0
+
+
+def between_steps(state: TrainingState, context: RunContext, tracker: guard.StepTracker,
+                  stop: preempt.StopRequest, epoch: int, start: int) -> Callable[[int], bool]:
+    """What runs after each step (before the next batch is fetched); returns True to stop the epoch there."""
+    every = context.cfg.checkpoint_every_steps
+
+    def between(batch: int) -> bool:
+        done_here = batch - start
+        tracker.after_step(state.scaler)
+        if done_here and batch % guard.CHECK_EVERY == 0:
+            tracker.check(epoch, state.steps_per_epoch, last_good_checkpoint(context))
+        if stop.should_stop(batch):
+            return True
+        if every and done_here and batch % every == 0 and batch < state.steps_per_epoch:
+            save_position(state, context, tracker, epoch, batch)
+        return False
+
+    return between
+
+
+def train_epoch(step_model: nn.Module, tracker: guard.StepTracker, state: TrainingState, context: RunContext,
+                batches: EpochSteps, epoch: int) -> dict[str, float]:
+    """One epoch's steps; a quantizer whose range collapsed (a host-side division by zero) is divergence too."""
+    cfg = context.cfg
+    try:
+        return train_one_epoch(step_model, tracker, state.optimizer, state.scheduler, batches, context.device,
+                               epoch, cfg.progress, state.scaler, cfg.channels_last)
+    except (ZeroDivisionError, OverflowError, FloatingPointError) as error:
+        raise Diverged(f"training diverged at epoch {epoch} step {tracker.step + 1} of {state.steps_per_epoch}: "
+                       f"{type(error).__name__}: {error} (a learned quantizer range collapsed); last good "
+                       f"checkpoint: {last_good_checkpoint(context)}; lower optimizer.lr") from None
+
+
+def epoch_train_metrics(tracker: guard.StepTracker, engine_metrics: dict[str, float], context: RunContext,
+                        epoch: int, steps_per_epoch: int) -> dict[str, float]:
+    """The epoch's loss and top-1 from the tracker's sums (they survive a mid-epoch resume), over all ranks."""
+    tracker.check(epoch, steps_per_epoch, last_good_checkpoint(context))
+    own = tracker.metrics()
+    merged = {**engine_metrics, "loss": own["loss"], "top1": own["top1"]}
+    return distributed.reduce_metrics(merged, own["samples"], context.dist, averaged=("loss", "top1"))
+
+
+def record_epoch(state: TrainingState, metrics: dict[str, float]) -> bool:
+    """Advance the state by one finished epoch; True when it is the best so far (ties go to the later epoch)."""
+    epoch = int(metrics["epoch"])
+    is_best = metrics["top1"] >= state.best_top1
+    state.epoch = epoch
+    if is_best:
+        state.best_top1, state.best_epoch = metrics["top1"], epoch
+    state.history.append(metrics)
+    return is_best
+
+
+def last_good_checkpoint(context: RunContext) -> str:
+    last = context.checkpoint_dir / checkpoint.LAST
+    return str(last) if last.is_file() else "none (no checkpoint was written yet)"
 
 
 def epoch_metrics(epoch: int, lr: float, train_metrics: dict, val_metrics: dict) -> dict[str, float]:
@@ -250,25 +374,90 @@ def log_epoch(logger: Logger, model: nn.Module, metrics: dict[str, float]) -> No
 
 
 def save_checkpoints(state: TrainingState, context: RunContext, metrics: dict[str, float], is_best: bool) -> None:
-    cfg = context.cfg
-    payload = checkpoint.build_payload(
-        model_state=state.model.state_dict(), optimizer_state=state.optimizer.state_dict(),
-        scheduler_state=state.scheduler.state_dict(), epoch=state.epoch, best_top1=state.best_top1,
-        metrics=metrics, architecture=architecture(cfg), config=OmegaConf.to_container(cfg, resolve=True,
-                                                                                       enum_to_str=True),
-        scaler_state=state.scaler.state_dict() if state.scaler is not None else None)
-    payload["history"] = list(state.history)
+    """The epoch-end pair. last.pt is the commit point (it records best_epoch) and is written first; a kill
+    before best.pt follows is repaired from last.pt at the next start (checkpoint.repair_best)."""
+    ensure_finite(state, context, f"after epoch {state.epoch}")
+    if not context.dist.is_main:
+        return
+    payload = state_payload(state, context, metrics)
     checkpoint.atomic_save(payload, context.checkpoint_dir / checkpoint.LAST)
     if is_best:
         checkpoint.atomic_save(payload, context.checkpoint_dir / checkpoint.BEST)
 
 
+def save_position(state: TrainingState, context: RunContext, tracker: guard.StepTracker, epoch: int,
+                  batch: int) -> Path:
+    """A mid-epoch last.pt: the state after `batch` steps of `epoch`, the data position and every rank's sums."""
+    tracker.check(epoch, state.steps_per_epoch, last_good_checkpoint(context))
+    ensure_finite(state, context, f"at epoch {epoch} step {batch}")
+    trackers = gather_tracker_states(tracker, context)
+    path = context.checkpoint_dir / checkpoint.LAST
+    if context.dist.is_main:
+        position = {"epoch": epoch, "batch": batch, "sampler_seed": epoch_seed(context.cfg.seed, epoch)}
+        metrics = dict(state.history[-1]) if state.history else {}
+        checkpoint.atomic_save(state_payload(state, context, metrics, position=position, trackers=trackers), path)
+    return path
+
+
+def preempted(state: TrainingState, context: RunContext, tracker: guard.StepTracker, stop: preempt.StopRequest,
+              epoch: int, batch: int, start: int) -> NoReturn:
+    """Save where the epoch stands (unless nothing ran since the last checkpoint), say so, and leave."""
+    path = context.checkpoint_dir / checkpoint.LAST
+    if batch > start and batch < state.steps_per_epoch:
+        save_position(state, context, tracker, epoch, batch)
+        saved = f"checkpoint at epoch {epoch} batch {batch}/{state.steps_per_epoch} in {path}"
+    elif path.is_file():
+        saved = f"nothing ran since the checkpoint in {path}"
+    else:
+        saved = "no step ran yet, nothing to save"
+    log.warning("preempted by %s: %s; the same command continues from there (exit %d)", stop.signal_name, saved,
+                preempt.EXIT_CODE)
+    distributed.barrier(context.dist)
+    stop.hand_over()
+
+
+def ensure_finite(state: TrainingState, context: RunContext, where: str) -> None:
+    """No checkpoint with non-finite weights is ever written (one host sync per checkpoint)."""
+    if not guard.all_finite(state.model):
+        raise Diverged(f"training diverged: the weights are not finite {where}; last good checkpoint: "
+                       f"{last_good_checkpoint(context)}; lower optimizer.lr or check the data")
+
+
+def gather_tracker_states(tracker: guard.StepTracker, context: RunContext) -> list[dict[str, Any]]:
+    """Every rank's epoch sums (rank 0 writes them all), so each rank resumes its own shard's numbers."""
+    own = tracker.state()
+    if not context.dist.enabled:
+        return [own]
+    import torch.distributed as dist
+
+    device = context.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    packed = torch.cat([own["sums"], torch.tensor([own["step"], own["samples"]], dtype=torch.float64)]).to(device)
+    gathered = [torch.zeros_like(packed) for _ in range(context.dist.world_size)]
+    dist.all_gather(gathered, packed)
+    return [{"sums": g[:2].cpu(), "step": int(g[2]), "samples": int(g[3])} for g in gathered]
+
+
+def state_payload(state: TrainingState, context: RunContext, metrics: dict[str, float],
+                  position: Optional[dict[str, int]] = None,
+                  trackers: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+    cfg = context.cfg
+    return checkpoint.build_payload(
+        model_state=state.model.state_dict(), optimizer_state=state.optimizer.state_dict(),
+        scheduler_state=state.scheduler.state_dict(), epoch=state.epoch, best_top1=state.best_top1,
+        metrics=metrics, architecture=architecture(cfg), config=runconfig.plain(cfg),
+        scaler_state=state.scaler.state_dict() if state.scaler is not None else None,
+        best_epoch=state.best_epoch, history=list(state.history), schedule=state.segments, position=position,
+        trackers=trackers, world_size=context.dist.world_size)
+
+
 def resume_checkpoint(cfg: DictConfig, context: RunContext) -> Optional[Path]:
-    """An explicit resume=, else (auto_resume) this run directory's own last checkpoint, else None."""
-    if cfg.resume:
-        return checkpoint.resolve(cfg.resume, prefer=checkpoint.LAST)
-    own = context.checkpoint_dir / checkpoint.LAST
-    return own if cfg.auto_resume and own.is_file() else None
+    """This run directory's own last.pt (auto_resume), else an explicit resume=, else None."""
+    return runconfig.train_source(cfg, context.output_dir)[0]
+
+
+def without_quantizer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A model state without its quantizers' tensors (steps, ranges, observers): another quantizer's are no use."""
+    return {k: v for k, v in state.items() if not any(part.endswith("_quantizer") for part in k.split(".")[:-1])}
 
 
 def load_initial_weights(model: nn.Module, payload: dict[str, Any], cfg: DictConfig, path: Path) -> None:
@@ -282,21 +471,70 @@ def load_initial_weights(model: nn.Module, payload: dict[str, Any], cfg: DictCon
         if saved.get(key) != architecture(cfg)[key]:
             raise QrunError(f"checkpoint {path} is for {key}={saved.get(key)}, the config has {key}="
                             f"{architecture(cfg)[key]}; pass a checkpoint of the same {key}")
-    quant.load_float_state(model, payload["model"])
-    log.info("weights from %s (%s, quant=%s)", path, saved.get("model"), saved.get("quant"))
+    try:
+        quant.load_float_state(model, without_quantizer_state(payload["model"]))
+    except RuntimeError as error:  # same names, other shapes: the model's options (widths) differ
+        first_line = (str(error).strip().splitlines() or [""])[-1].strip()
+        raise QrunError(f"checkpoint {path} does not fit this model ({first_line}); its model.options were "
+                        f"{(payload.get('config') or {}).get('model', {}).get('options')}") from None
+    log.info("weights from %s (%s, quant=%s; its quantizer state dropped)", path, saved.get("model"),
+             saved.get("quant"))
 
 
-def restore_training_state(state: TrainingState, path: Path, cfg: DictConfig) -> None:
+def restore_training_state(state: TrainingState, path: Path, cfg: DictConfig, context: RunContext) -> None:
     payload = checkpoint.load(path)
     checkpoint.check_architecture(payload["architecture"], architecture(cfg), path)
+    position = payload.get("position")
+    reached = int(position["epoch"]) if position else int(payload["epoch"])
+    if reached > cfg.epochs:
+        raise QrunError(f"checkpoint {path} is at epoch {reached}; epochs={cfg.epochs} asks for fewer: pass "
+                        f"epochs>={reached}, or evaluate it with mode=evaluate")
+    if position and len(payload.get("trackers") or []) != context.dist.world_size:
+        raise QrunError(f"checkpoint {path} was written mid-epoch by {payload.get('world_size')} processes; resume "
+                        f"it with as many (this run has {context.dist.world_size})")
     state.model.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
-    state.scheduler.load_state_dict(payload["scheduler"])
+    restore_schedule(state, payload, cfg)
     if state.scaler is not None and payload.get("scaler"):
         state.scaler.load_state_dict(payload["scaler"])
     state.epoch, state.best_top1 = payload["epoch"], payload["best_top1"]
+    state.best_epoch = payload.get("best_epoch")
     state.history = list(payload.get("history", []))
+    state.position, state.tracker_states = position, payload.get("trackers")
+    if context.dist.is_main and path.parent != context.checkpoint_dir:
+        carried = checkpoint.carry_best(payload, path, context.checkpoint_dir / checkpoint.BEST)
+        if carried:
+            log.info("%s", carried)
     checkpoint.restore_rng_state(payload["rng"])
+    where = f"epoch {position['epoch']} batch {position['batch']}/{state.steps_per_epoch}" if position else \
+        f"epoch {state.epoch + 1}"
+    log.info("resumed from %s at %s", path, where)
+
+
+def restore_schedule(state: TrainingState, payload: dict[str, Any], cfg: DictConfig) -> None:
+    """The stored lr plan, extended by qrun.schedule's rule when epochs changed; the lr of the next step set."""
+    stored = payload.get("schedule") or [[0, int(payload.get("config", {}).get("epochs", cfg.epochs))]]
+    steps_taken = int(payload["scheduler"]["last_epoch"])
+    state.segments = schedule.extend(stored, steps_taken, int(cfg.epochs))
+    state.scheduler = schedule.build(state.optimizer, cfg.scheduler, state.segments, state.steps_per_epoch)
+    state.scheduler.load_state_dict(payload["scheduler"])
+    schedule.apply_current(state.scheduler)
+    if state.segments != stored:
+        lr = state.optimizer.param_groups[0]["lr"]
+        log.info("epochs %d -> %d: the lr goes on from %.3e at step %d (%s schedule rebuilt for the new total, "
+                 "no restart)", int(stored[-1][1]), cfg.epochs, lr, steps_taken, cfg.scheduler.name)
+        if lr == 0.0:
+            log.warning("the lr is 0 (the schedule reached its floor): the extra epochs will not change the "
+                        "weights; for more training start a new schedule with init_from=<this run>")
+
+
+def record_divergence(state: TrainingState, context: RunContext, error: Diverged) -> None:
+    """results.json says the run diverged and why (a sweep lists it as such; qrun-report skips it)."""
+    cfg = context.cfg
+    results = {"status": "diverged", "error": str(error), "mode": "train", **architecture(cfg), "bits": cfg.bits,
+               "seed": cfg.seed, "epoch": state.epoch, "best_top1": state.best_top1, "history": state.history,
+               "output_dir": str(context.output_dir)}
+    write_results(context, results)
 
 
 def finish_training(state: TrainingState, context: RunContext, metrics: dict[str, float]) -> dict[str, Any]:
@@ -312,7 +550,8 @@ def finish_training(state: TrainingState, context: RunContext, metrics: dict[str
 
 # ------------------------------------------------------------------------------------------------- evaluate mode
 def evaluate_checkpoint(context: RunContext) -> dict[str, Any]:
-    """Load a checkpoint (a run directory means its best.pt), check it matches the config, evaluate only."""
+    """Load a checkpoint (a run directory means its best.pt) and evaluate only. The config is the run's own
+    (runconfig.for_run); the full test split unless dataset.val_samples was typed."""
     cfg = context.cfg
     path = checkpoint.resolve(cfg.resume, prefer=checkpoint.BEST)
     payload = checkpoint.load(path)
@@ -324,11 +563,16 @@ def evaluate_checkpoint(context: RunContext) -> dict[str, Any]:
     metrics = evaluate(model, val_loader.epoch(0), context.device, progress=cfg.progress,
                        channels_last=cfg.channels_last)
     metrics = distributed.reduce_metrics(metrics, metrics["samples"], context.dist, averaged=("loss", "top1", "top5"))
-    log.info("evaluated %s: top1 %.2f top5 %.2f (checkpoint recorded top1 %.2f at epoch %d)", path,
-             metrics["top1"], metrics["top5"], payload["metrics"].get("top1", float("nan")), payload["epoch"])
+    run_samples = (payload.get("config") or {}).get("dataset", {}).get("val_samples")
+    log.info("evaluated %s (epoch %d) on %d test samples: top1 %.2f top5 %.2f (the run recorded top1 %.2f on %s)",
+             path, payload["epoch"], metrics["samples"], metrics["top1"], metrics["top5"],
+             payload["metrics"].get("top1", float("nan")),
+             f"{run_samples} test samples" if run_samples else "the full test split")
     results = base_results(context, model)
     results.update(top1=metrics["top1"], top5=metrics["top5"], best_top1=payload["best_top1"],
-                   epoch=payload["epoch"], checkpoint=str(path), checkpoint_top1=payload["metrics"].get("top1"))
+                   epoch=payload["epoch"], checkpoint=str(path), checkpoint_top1=payload["metrics"].get("top1"),
+                   evaluated={"split": "test", "samples": metrics["samples"], "checkpoint": str(path),
+                              "epoch": payload["epoch"]})
     return write_results(context, results)
 
 
@@ -349,8 +593,14 @@ def write_results(context: RunContext, results: dict[str, Any]) -> dict[str, Any
         return results
     path = context.output_dir / RESULTS_FILE
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
+    # Strict JSON: a non-finite number is written as null, never as a bare NaN.
+    text = json.dumps(guard.json_safe(results), indent=2, default=str, allow_nan=False)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise QrunError(f"cannot write {path}: {error.strerror or error}") from None
     return results
 
 
@@ -358,11 +608,21 @@ def finished_results(context: RunContext) -> Optional[dict[str, Any]]:
     """Stored results of this very directory when a previous invocation already trained all epochs."""
     cfg = context.cfg
     path = context.output_dir / RESULTS_FILE
-    if cfg.resume or not cfg.auto_resume or not path.is_file():
+    if not cfg.auto_resume or not path.is_file():
         return None
-    results = json.loads(path.read_text())
-    done = results.get("status") == "finished" and results.get("mode") == "train"
-    return results if done and results.get("epoch", 0) >= cfg.epochs else None
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        log.warning("%s is unreadable (%s): treated as not finished", path, error)
+        return None
+    if not isinstance(results, dict) or results.get("status") != "finished" or results.get("mode") != "train":
+        return None
+    # The stored config already matched the requested one (runconfig.for_run); only epochs may differ.
+    epoch = int(results.get("epoch") or 0)
+    if epoch > cfg.epochs:
+        raise QrunError(f"{context.output_dir} holds a run finished at epoch {epoch}; epochs={cfg.epochs} asks "
+                        "for fewer: use another folder, or evaluate that run with mode=evaluate")
+    return results if epoch == cfg.epochs else None
 
 
 MODES: dict[str, Callable[[RunContext], dict[str, Any]]] = {

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from qrun import checkpoint
+from qrun.config import PRETRAINED_MODELS
 from qrun.errors import QrunError
 from qrun.quant import load_float_state
 
 log = logging.getLogger(__name__)
 
 # qrun model name -> torchvision weights enum; IMAGENET1K_V1 is the baseline the LSQ and DSQ papers compare to.
-TORCHVISION_WEIGHTS = {"resnet18": "ResNet18_Weights.IMAGENET1K_V1", "resnet34": "ResNet34_Weights.IMAGENET1K_V1",
-                       "resnet50": "ResNet50_Weights.IMAGENET1K_V1"}
+TORCHVISION_WEIGHTS = {name: f"ResNet{name[len('resnet'):]}_Weights.IMAGENET1K_V1" for name in PRETRAINED_MODELS}
 WRAPPER_KEYS = ("state_dict", "model")  # what training scripts wrap their weights in
 DATA_PARALLEL_PREFIX = "module."
 

@@ -39,7 +39,8 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
 def run_training(overrides: list[str], output_dir: Path) -> dict[str, Any]:
     from qrun.trainer import run
 
-    return run(compose_config(overrides, output_dir))
+    # The overrides say which keys were typed: a resume or evaluation takes every other key from the checkpoint.
+    return run(compose_config(overrides, output_dir), overrides=overrides)
 
 
 @pytest.fixture(scope="session")
