@@ -99,3 +99,17 @@ def test_bad_distillation_and_pretrained_settings_are_one_line(override: str, me
 
     with pytest.raises(QrunError, match=message.replace(".", r"\.").replace("(", r"\(")):
         validate(compose_config([override], tmp_path))
+
+
+def test_under_autocast_the_teacher_runs_in_low_precision_and_the_kd_term_in_float32() -> None:
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(8, 5), nn.Linear(8, 5)
+    criterion = DistillationLoss(teacher, weight=0.5, temperature=2.0, hard=nn.CrossEntropyLoss())
+    images, targets = torch.randn(16, 8), torch.randint(0, 5, (16,))
+    seen = []
+    teacher.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = criterion(student(images), targets, images)
+    assert seen == [torch.bfloat16] and loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert student.weight.grad is not None and teacher.weight.grad is None
