@@ -1,16 +1,21 @@
 """Typed configuration schema, registered with Hydra so that wrong types and enum values fail at compose time.
 
 The YAML files under configs/ fill this schema; range checks that a type cannot express live in `validate`.
+This module never imports torch: the CLI validates here, in a fraction of a second, before anything heavy loads.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, MISSING, DictConfig
+from omegaconf import II, MISSING, DictConfig, ListConfig, OmegaConf
 
 from qrun.errors import QrunError, choice_error
 
@@ -159,72 +164,392 @@ class QrunConfig:
 
 
 def register_configs() -> None:
-    """Register the schema so that configs/config.yaml can extend it via its defaults list."""
+    """Register the schema (configs/config.yaml extends it via its defaults list) and qrun's resolvers."""
     ConfigStore.instance().store(name="qrun_schema", node=QrunConfig)
+    from qrun import naming  # resolvers for run and job folder names
+
+    naming.register_resolvers()
 
 
+
+# ---------------------------------------------------------------------------------------------- fixed choices
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
 DIST_BACKENDS = ("gloo", "nccl")
 PRETRAINED_MODELS = ("resnet18", "resnet34", "resnet50")  # torchvision ImageNet weights (qrun.weights)
+CIFAR_RESNET_BLOCKS = ("basic", "binary")  # = qrun.models.resnet_cifar.BLOCKS
+LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "quantize_input", "skip")  # = qrun.quant.policy.OVERRIDE_KEYS
+MAX_SEED = 2**32 - 1  # numpy's limit
 
 
+@dataclass(frozen=True)
+class DatasetFacts:
+    """What a dataset fixes: split sizes (None: known only at load) and the shape of its images and labels."""
+
+    train_size: Optional[int]
+    test_size: Optional[int]
+    num_classes: Optional[int]
+    in_channels: Optional[int]
+    image_size: Optional[int]
+
+
+DATASETS: dict[str, DatasetFacts] = {
+    "fashion_mnist": DatasetFacts(60_000, 10_000, 10, 1, 28),
+    "mnist": DatasetFacts(60_000, 10_000, 10, 1, 28),
+    "cifar10": DatasetFacts(50_000, 10_000, 10, 3, 32),
+    "cifar100": DatasetFacts(50_000, 10_000, 100, 3, 32),
+    # ImageFolder: sizes and classes come from the folders (checked at load).
+    "imagenet": DatasetFacts(None, None, None, 3, None),
+    # Synthetic: train_samples/val_samples *are* the sizes, any shape goes.
+    "fake": DatasetFacts(None, None, None, None, None),
+}
+NEEDS_ROOT = ("cifar10", "cifar100", "imagenet")
+
+# Keyword options each model builder / quantizer constructor takes, so that `model.options` and `quant.options`
+# are checked without importing torch (2-4 s). tests/test_bad_input.py checks both tables against the real
+# signatures, so a new option that is missing here fails a test instead of being refused silently.
+_CNN_OPTIONS = ("widths", "image_size")
+_CIFAR_RESNET_OPTIONS = ("shortcut", "block")
+_TORCHVISION_RESNET_OPTIONS = ("zero_init_residual", "groups", "width_per_group", "replace_stride_with_dilation",
+                               "norm_layer")
+MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "cnn": _CNN_OPTIONS, "cnn_bn": _CNN_OPTIONS, "nin": ("dropout",),
+    **{f"resnet{depth}": _CIFAR_RESNET_OPTIONS for depth in (20, 32, 44, 56)},
+    **{f"resnet{depth}": _TORCHVISION_RESNET_OPTIONS for depth in (18, 34, 50)},
+}
+QUANT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "none": (),
+    "affine": ("per_channel", "averaging_constant", "observer_epochs", "fold_bn", "bn_stats_epochs"),
+    "dorefa": ("g_bits",), "dsq": ("alpha", "grad_scale"), "lsq": (), "pact": ("init_alpha",), "twn": (),
+    "uniform": ("momentum",), "xnor": ("k_scaling",),
+}
+
+
+# ------------------------------------------------------------------------------------------------------ ranges
+@dataclass(frozen=True)
+class Range:
+    """One numeric key's accepted interval. Add a row to RANGES for a new key; absent keys are skipped."""
+
+    key: str
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    nullable: bool = False
+    note: str = ""  # what null means, or another word on the accepted values
+
+    def accepted(self) -> str:
+        if self.integer and not self.low_open and self.high == math.inf and self.low in (0, 1):
+            text = "a positive integer" if self.low == 1 else "an integer >= 0"
+        else:
+            text = "an integer" if self.integer else "a finite number"
+            lo = f"{_num(self.low)} {'<' if self.low_open else '<='} " if self.low > -math.inf else ""
+            hi = f" {'<' if self.high_open else '<='} {_num(self.high)}" if self.high < math.inf else ""
+            if lo and not hi:  # "value > 0" reads better than "0 < value"
+                lo, hi = "", f" {'>' if self.low_open else '>='} {_num(self.low)}"
+            if lo or hi:
+                text = f"{text}, {lo}value{hi}"
+        if self.nullable:
+            return f"null{' (' + self.note + ')' if self.note else ''} or {text}"
+        return f"{text} ({self.note})" if self.note else text
+
+    def contains(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not float(value).is_integer():
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+RANGES: list[Range] = [
+    Range("bits", MIN_BITS, MAX_BITS, integer=True),
+    Range("w_bits", MIN_BITS, MAX_BITS, integer=True),
+    Range("a_bits", MIN_BITS, MAX_BITS, integer=True),
+    Range("epochs", 1, integer=True),
+    Range("batch_size", 1, integer=True),
+    Range("eval_batch_size", 1, integer=True),
+    Range("calib_batches", 1, integer=True),
+    Range("threads", 1, integer=True, nullable=True, note="automatic"),
+    Range("workers", 0, integer=True),
+    Range("seed", 0, MAX_SEED, integer=True),
+    Range("label_smoothing", 0, 1, high_open=True),
+    Range("dataset.train_samples", 1, integer=True, nullable=True, note="all"),
+    Range("dataset.val_samples", 1, integer=True, nullable=True, note="all"),
+    Range("dataset.subset_seed", 0, MAX_SEED, integer=True),
+    Range("dataset.num_classes", 1, integer=True),
+    Range("dataset.in_channels", 1, integer=True),
+    Range("dataset.image_size", 1, integer=True),
+    Range("quant.init_batches", 0, integer=True),
+    Range("quant.lr_scale", 0, low_open=True),
+    Range("optimizer.lr", 0, low_open=True),
+    Range("optimizer.momentum", 0, 1, high_open=True),
+    Range("optimizer.weight_decay", 0),
+    Range("scheduler.warmup_epochs", 0),
+    Range("scheduler.gamma", 0, 1, low_open=True, note="the factor at each milestone"),
+    Range("scheduler.min_lr_ratio", 0, 1),
+    Range("checkpoint_every_steps", 1, integer=True, nullable=True, note="at epoch ends only"),
+    Range("distill.weight", 0, 1, note="w in (1 - w) CE + w T^2 KL"),
+    Range("distill.temperature", 0, low_open=True),
+]
+# Quantizer options with a range (the quantizers check them too, but only once torch and the model are built).
+QUANT_OPTION_RANGES: dict[str, list[Range]] = {
+    "dsq": [Range("alpha", 0, 0.5, low_open=True)],
+    "pact": [Range("init_alpha", 0, low_open=True, nullable=True, note="from calibration data")],
+    "uniform": [Range("momentum", 0, 1)],
+    "dorefa": [Range("g_bits", 1, 32, integer=True, note="32 = full-precision gradients")],
+    "affine": [Range("averaging_constant", 0, 1, low_open=True),
+               Range("observer_epochs", 0, integer=True, nullable=True, note="never freeze"),
+               Range("bn_stats_epochs", 0, integer=True, nullable=True, note="never freeze")],
+}
+BOOL_OPTIONS = {"affine": ("per_channel", "fold_bn"), "xnor": ("k_scaling",), "dsq": ("grad_scale",)}
+
+
+def check_range(rule: Range, value: Any, prefix: str = "") -> None:
+    if value is None and rule.nullable:
+        return
+    if not rule.contains(value):
+        raise QrunError(f"{prefix}{rule.key}={_show(value)} is out of range; accepted: {rule.accepted()}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value).replace(" ", "")
+
+
+def _get(cfg: DictConfig, key: str) -> tuple[bool, Any]:
+    """(present, value) of a dotted key; keys another part of qrun has not added yet are simply absent."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+# ----------------------------------------------------------------------------------------------------- validate
 def validate(cfg: DictConfig) -> None:
-    """Reject values that the schema's types cannot: ranges, names of fixed choices, mode-specific needs."""
-    for key in ("bits", "w_bits", "a_bits"):
-        value = cfg[key]
-        if not MIN_BITS <= value <= MAX_BITS:
-            raise QrunError(f"{key}={value} is out of range; accepted: integers {MIN_BITS}..{MAX_BITS}")
-    _check_positive(cfg, ("epochs", "batch_size", "eval_batch_size", "calib_batches"))
-    if cfg.get("threads") is not None and cfg.threads < 1:
-        raise QrunError(f"threads={cfg.threads} is invalid; accepted: null (automatic) or a positive integer")
+    """Reject every value the schema's types cannot: ranges, fixed choices, consistency, keys outside the schema.
+
+    Pure Python on the composed config (no torch, no files read), so the CLI runs it before anything heavy.
+    """
+    check_closed(cfg)
+    for rule in RANGES:
+        present, value = _get(cfg, rule.key)
+        if present:
+            check_range(rule, value)
+    for check in CHECKS:
+        check(cfg)
+
+
+def _check_choices(cfg: DictConfig) -> None:
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
-    if cfg.get("preempt") is not None:
-        from qrun.preempt import parse_signals  # the signal module only: no torch import here
-
-        parse_signals(cfg.preempt.signals)
-    every = cfg.get("checkpoint_every_steps")
-    if every is not None and every < 1:
-        raise QrunError(f"checkpoint_every_steps={every} is invalid; accepted: null (epoch ends only) or a positive integer")
-    if cfg.workers < 0:
-        raise QrunError(f"workers={cfg.workers} is negative; accepted: 0 or more")
-    for key in ("train_samples", "val_samples"):
-        value = cfg.dataset[key]
-        if value is not None and value < 1:
-            raise QrunError(f"dataset.{key}={value} is invalid; accepted: null (all) or a positive integer")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise QrunError(f"label_smoothing={cfg.label_smoothing} is out of range; accepted: 0 <= value < 1")
     if cfg.optimizer.name not in OPTIMIZERS:
         raise choice_error("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
     if cfg.scheduler.name not in SCHEDULERS:
         raise choice_error("scheduler.name", cfg.scheduler.name, SCHEDULERS)
     if cfg.quant.first_last not in FIRST_LAST_POLICIES:
         raise choice_error("quant.first_last", cfg.quant.first_last, FIRST_LAST_POLICIES)
-    _check_distill(cfg)
+    if cfg.model.name not in MODEL_OPTIONS:
+        raise choice_error("model", cfg.model.name, MODEL_OPTIONS)
+    if cfg.quant.name not in QUANT_OPTIONS:
+        raise choice_error("quantizer", cfg.quant.name, QUANT_OPTIONS)
+    if cfg.dataset.name not in DATASETS:
+        raise choice_error("dataset", cfg.dataset.name, DATASETS)
+
+
+def _check_preempt(cfg: DictConfig) -> None:
+    if cfg.get("preempt") is not None:
+        from qrun.preempt import parse_signals  # the signal module only: no torch import here
+
+        parse_signals(cfg.preempt.signals)
+
+
+def _check_mode(cfg: DictConfig) -> None:
     if mode_name(cfg) != Mode.train.value and not cfg.resume:
         raise QrunError(f"mode={mode_name(cfg)} needs resume=<checkpoint file or run directory>")
 
 
-def _check_distill(cfg: DictConfig) -> None:
-    """distill.* ranges, and model.pretrained only where torchvision has weights (checked before any data loads)."""
+def _check_pretrained_and_block(cfg: DictConfig) -> None:
+    """model.pretrained only where torchvision has weights; the CIFAR ResNets' block names."""
     if cfg.model.get("pretrained") and cfg.model.name not in PRETRAINED_MODELS:
         raise QrunError(f"model.pretrained=true has no torchvision weights for model={cfg.model.name}; "
                         f"accepted: {', '.join(PRETRAINED_MODELS)}")
-    distill = cfg.get("distill")
-    if distill is None:
+    block = cfg.model.options.get("block") if "block" in MODEL_OPTIONS[cfg.model.name] else None
+    if block is not None and block not in CIFAR_RESNET_BLOCKS:
+        raise choice_error("model.options.block", block, CIFAR_RESNET_BLOCKS)
+
+
+def _check_dataset(cfg: DictConfig) -> None:
+    data = cfg.dataset
+    facts = DATASETS[data.name]
+    if data.name in NEEDS_ROOT and (OmegaConf.is_missing(data, "root") or not data.root):
+        raise QrunError(f"dataset {data.name} needs dataset.root=<folder>; none was given")
+    for key, fixed in (("num_classes", facts.num_classes), ("in_channels", facts.in_channels),
+                       ("image_size", facts.image_size)):
+        if fixed is not None and data[key] != fixed:
+            raise QrunError(f"dataset.{key}={data[key]} contradicts dataset {data.name}; accepted: {fixed} "
+                            f"(what {data.name} has)")
+    for key, size, split in (("train_samples", facts.train_size, "training"), ("val_samples", facts.test_size,
+                                                                               "test")):
+        if size is not None and data[key] is not None and data[key] > size:
+            raise QrunError(f"dataset.{key}={data[key]} exceeds the {size} {split} images of {data.name}; "
+                            f"accepted: null (all) or 1..{size}")
+    for key in ("mean", "std"):
+        values = list(data[key])
+        if len(values) != data.in_channels:
+            raise QrunError(f"dataset.{key}={_show(data[key])} has {len(values)} value(s); accepted: one per input "
+                            f"channel ({data.in_channels} for dataset.in_channels={data.in_channels})")
+        if not all(math.isfinite(v) for v in values):
+            raise QrunError(f"dataset.{key}={_show(data[key])} is not finite; accepted: finite numbers")
+    if any(v <= 0 for v in data.std):
+        raise QrunError(f"dataset.std={_show(data.std)} holds a value <= 0 (inputs are divided by it); "
+                        "accepted: positive numbers")
+
+
+def _check_optimizer(cfg: DictConfig) -> None:
+    opt = cfg.optimizer
+    if opt.name == "sgd" and opt.nesterov and opt.momentum <= 0:
+        raise QrunError(f"optimizer.nesterov=true needs optimizer.momentum > 0 (it is {opt.momentum}); "
+                        "accepted: a positive momentum, or optimizer.nesterov=false")
+    betas = list(opt.betas)
+    if len(betas) != 2 or not all(Range("b", 0, 1, high_open=True).contains(b) for b in betas):
+        raise QrunError(f"optimizer.betas={_show(opt.betas)} is invalid; accepted: two numbers in [0, 1), "
+                        "e.g. [0.9,0.999]")
+
+
+def _check_scheduler(cfg: DictConfig) -> None:
+    sched = cfg.scheduler
+    if sched.warmup_epochs > cfg.epochs:
+        raise QrunError(f"scheduler.warmup_epochs={sched.warmup_epochs} exceeds epochs={cfg.epochs}; "
+                        f"accepted: 0..{cfg.epochs}")
+    if sched.name != "multistep":
         return
-    if not 0.0 <= distill.weight <= 1.0:
-        raise QrunError(f"distill.weight={distill.weight} is out of range; accepted: 0 <= value <= 1")
-    if not distill.temperature > 0.0:
-        raise QrunError(f"distill.temperature={distill.temperature} is invalid; accepted: a positive number")
+    milestones = list(sched.milestones)
+    if any(b <= a for a, b in zip(milestones, milestones[1:])):
+        raise QrunError(f"scheduler.milestones={_show(sched.milestones)} is not increasing; accepted: increasing "
+                        f"epochs in 1..{cfg.epochs}")
+    if any(not 1 <= m <= cfg.epochs for m in milestones):
+        raise QrunError(f"scheduler.milestones={_show(sched.milestones)} lies outside the run's epochs; accepted: "
+                        f"increasing epochs in 1..epochs={cfg.epochs}")
 
 
-def _check_positive(cfg: DictConfig, keys: tuple[str, ...]) -> None:
-    for key in keys:
-        if cfg[key] < 1:
-            raise QrunError(f"{key}={cfg[key]} is invalid; accepted: a positive integer")
+def _check_model_options(cfg: DictConfig) -> None:
+    accepted = MODEL_OPTIONS[cfg.model.name]
+    unknown = sorted(set(cfg.model.options) - set(accepted))
+    if unknown:
+        raise QrunError(f"unknown model.options key(s) {', '.join(unknown)} for model {cfg.model.name}; accepted: "
+                        f"{', '.join(accepted) or 'none'}")
+
+
+def _check_quant_options(cfg: DictConfig) -> None:
+    name = cfg.quant.name
+    options = cfg.quant.options
+    accepted = QUANT_OPTIONS[name]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise QrunError(f"unknown quant.options key(s) {', '.join(unknown)} for quantizer {name!r}; accepted: "
+                        f"{', '.join(accepted) or 'none'}")
+    for rule in QUANT_OPTION_RANGES.get(name, []):
+        if rule.key in options:
+            check_range(rule, options[rule.key], prefix="quant.options.")
+    for key in BOOL_OPTIONS.get(name, ()):
+        if key in options and not isinstance(options[key], bool):
+            raise QrunError(f"quant.options.{key}={_show(options[key])} is invalid; accepted: true or false")
+
+
+def _check_layer_overrides(cfg: DictConfig) -> None:
+    bits = Range("bits", MIN_BITS, MAX_BITS, integer=True)
+    for pattern, values in cfg.quant.layer_overrides.items():
+        where = f"quant.layer_overrides.{pattern}"
+        if not isinstance(values, DictConfig):
+            raise QrunError(f"{where}={_show(values)} is invalid; accepted: a mapping of "
+                            f"{', '.join(LAYER_OVERRIDE_KEYS)}, e.g. {{{pattern}:{{w_bits:8}}}}")
+        unknown = sorted(set(values) - set(LAYER_OVERRIDE_KEYS))
+        if unknown:
+            raise QrunError(f"unknown key(s) {', '.join(unknown)} in {where}; accepted: "
+                            f"{', '.join(LAYER_OVERRIDE_KEYS)}")
+        for key, value in values.items():
+            if key in ("w_bits", "a_bits"):
+                if not bits.contains(value):
+                    raise QrunError(f"{where}.{key}={_show(value)} is invalid; accepted: {bits.accepted()}")
+            elif not isinstance(value, bool):
+                raise QrunError(f"{where}.{key}={_show(value)} is invalid; accepted: true or false")
+
+
+def _check_paths(cfg: DictConfig) -> None:
+    if cfg.get("output_dir"):
+        check_writable_dir("output_dir", cfg.output_dir)
+    for key in ("resume", "init_from", "distill.teacher"):
+        value = OmegaConf.select(cfg, key)
+        if value and not Path(str(value)).expanduser().exists():
+            raise QrunError(f"{key}={value} does not exist; {key}= takes a checkpoint file or a qrun run directory")
+
+
+def check_writable_dir(key: str, value: Any) -> None:
+    """A folder qrun will create or write into: refuse a file in its place or an unwritable parent, early."""
+    path = Path(str(value)).expanduser()
+    if path.exists() and not path.is_dir():
+        raise QrunError(f"{key}={value} is a file; accepted: a folder (existing or new)")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QrunError(f"{key}={value}: {existing} is a file, so the folder cannot be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QrunError(f"{key}={value}: cannot write into {existing} (permission denied or read-only)")
+
+
+# The consistency checks `validate` runs after the range table; other modules' keys get their own function here.
+CHECKS: list[Callable[[DictConfig], None]] = [
+    _check_choices, _check_preempt, _check_mode, _check_dataset, _check_optimizer, _check_scheduler, _check_model_options,
+    _check_quant_options, _check_layer_overrides, _check_paths, _check_pretrained_and_block,
+]
+
+
+# ------------------------------------------------------------------------------------------------ closed schema
+# Free-form mappings inside the schema: their keys are checked by the functions above, not against dataclasses.
+FREE_MAPPINGS = ("model.options", "quant.options", "quant.layer_overrides")
+
+
+def check_closed(cfg: DictConfig) -> None:
+    """Every key must be a schema field: `+foo=1` or a typo in a YAML file is refused, not silently carried."""
+    _check_node(cfg, QrunConfig, "")
+
+
+def _check_node(node: DictConfig, schema: type, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise QrunError(f"unknown key {path!r} (the config schema is closed); accepted"
+                            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(sorted(fields))}")
+        sub = _dataclass_type(fields[key])
+        if sub is not None and path not in FREE_MAPPINGS and isinstance(node[key], DictConfig):
+            _check_node(node[key], sub, f"{path}.")
+
+
+def _dataclass_type(schema_field: dataclasses.Field) -> Optional[type]:
+    if schema_field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        made = schema_field.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(made):
+            return type(made)
+    return None
 
 
 def mode_name(cfg: DictConfig) -> str:

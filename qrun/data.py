@@ -129,6 +129,10 @@ def _cifar(cfg, cls) -> DataSplits:
     except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
         raise QrunError(f"{cls.__name__} not found or corrupted under {root}: {error} "
                         "(set dataset.download=true where a network is reachable)") from None
+    except OSError as error:  # download=true without a network: urllib's URLError is an OSError
+        raise QrunError(f"dataset.download=true could not fetch {cls.__name__} into {root}: "
+                        f"{getattr(error, 'reason', None) or error}; download it where a network is reachable, "
+                        "then point dataset.root at it") from None
     return DataSplits(train, val)
 
 
@@ -204,7 +208,10 @@ def build_datasets(cfg) -> DataSplits:
 
 def _subset(dataset: Dataset, count: Optional[int], seed: int) -> Dataset:
     """A fixed random subset: the same `count` samples whatever the training seed, so runs compare fairly."""
-    if count is None or count >= len(dataset):
+    if count is not None and count > len(dataset):  # refused, not clamped: results would say a size never used
+        raise QrunError(f"dataset subset of {count} samples exceeds the {len(dataset)} available; accepted: null "
+                        f"(all) or 1..{len(dataset)}")
+    if count is None or count == len(dataset):
         return dataset
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:count]
     return Subset(dataset, indices.sort().values.tolist())

@@ -31,8 +31,9 @@ from qrun.errors import QrunError
 from qrun.int8 import modes as int8_modes
 from qrun.models import get_model
 from qrun.optim import build_optimizer
+from qrun.results import read_results
 from qrun.steps import EpochSteps
-from qrun.tb import Logger
+from qrun.tb import Logger, hparams_of
 
 log = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
@@ -254,6 +255,7 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, va
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
+    logger.hparams(hparams_of(cfg))
     metrics: dict[str, float] = dict(state.history[-1]) if state.history else {}
     try:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -610,12 +612,8 @@ def finished_results(context: RunContext) -> Optional[dict[str, Any]]:
     path = context.output_dir / RESULTS_FILE
     if not cfg.auto_resume or not path.is_file():
         return None
-    try:
-        results = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        log.warning("%s is unreadable (%s): treated as not finished", path, error)
-        return None
-    if not isinstance(results, dict) or results.get("status") != "finished" or results.get("mode") != "train":
+    results = read_results(path)  # empty, corrupt or unreadable: a warning, then "not finished"
+    if results is None or results.get("status") != "finished" or results.get("mode") != "train":
         return None
     # The stored config already matched the requested one (runconfig.for_run); only epochs may differ.
     epoch = int(results.get("epoch") or 0)

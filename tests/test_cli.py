@@ -42,10 +42,10 @@ def test_python_dash_m_qrun_is_the_same_program(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["model=resnet21"], "Could not find 'model/resnet21'"),
+    (["model=resnet21"], "unknown model option 'resnet21' (no configs/model/resnet21.yaml); accepted: cnn, cnn_bn"),
     (["model.name=resnet21"], "unknown model 'resnet21'; accepted: cnn, cnn_bn, nin"),
-    (["bits=0"], "bits=0 is out of range; accepted: integers 1..16"),
-    (["mode=bogus"], "Invalid value 'bogus', expected one of [train, evaluate"),
+    (["bits=0"], "bits=0 is out of range; accepted: an integer, 1 <= value <= 16"),
+    (["mode=bogus"], "mode=bogus: Invalid value 'bogus', expected one of [train, evaluate"),
     (["dataset.root=/missing/fmnist"], "Fashion-MNIST not found"),
 ])
 def test_bad_input_is_one_clear_error_without_traceback(tmp_path: Path, args: list[str], expected: str) -> None:

@@ -46,3 +46,24 @@ def test_crossed_bounds_far_from_zero_keep_a_representable_width() -> None:
     width = q.upper.item() - q.lower.item()
     assert width >= 1e-3 * 40 * 0.999 and torch.isfinite(out).all()  # 1e-6 was below float32's 3.8e-6 here
     assert out.unique().numel() == 16  # all 2^4 levels still distinct
+
+
+def test_the_device_path_scales_and_widens_the_same_way() -> None:
+    from qrun.quant import kernels
+
+    eager = bound_gradients(True, "weight")
+    kernels.set_backend("tensor")  # CPU tensors down the device path (the CUDA code path, in tensor ops)
+    try:
+        raw, scaled = bound_gradients(False, "weight"), bound_gradients(True, "weight")
+        g = 1 / math.sqrt(8 * 3 * 5 * 5 * 15)
+        assert scaled == pytest.approx((raw[0] * g, raw[1] * g), rel=1e-9)
+        assert scaled == pytest.approx(eager, rel=1e-4)  # the device path computes in float32
+        q = build_quantizer("dsq", 4, "act", grad_scale=True)
+        q.initialized.fill_(True)
+        with torch.no_grad():
+            q.lower.fill_(40.0)
+            q.upper.fill_(39.0)
+        q(torch.linspace(39.99, 40.05, 101))
+        assert q.upper.item() - q.lower.item() >= 1e-3 * 40 * 0.999
+    finally:
+        kernels.set_backend("auto")

@@ -197,3 +197,21 @@ def test_a_failed_build_falls_back_to_eager(monkeypatch: pytest.MonkeyPatch, tmp
         assert kernels.library() is None
     finally:
         kernels.library.cache_clear()
+
+
+@needs_compiler
+def test_dispatch_picks_a_backend_per_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.rand(2, 3, 4, 4)
+    assert kernels.backend(x) == "cpu" and not kernels.device_path(x)
+    assert kernels.backend(x.contiguous(memory_format=torch.channels_last)) == "cpu"
+    assert kernels.backend(x.double()) == "eager" and kernels.backend(x.transpose(1, 2)) == "eager"
+    monkeypatch.setattr(kernels, "_forced", "tensor")  # the path CUDA takes, on the eager tensor reference
+    assert kernels.device_path(x) and kernels.backend(x) == "eager"
+
+
+def test_an_unknown_backend_is_refused_with_the_accepted_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qrun.errors import QrunError
+
+    monkeypatch.setattr(kernels, "_forced", "gpu")
+    with pytest.raises(QrunError, match=r"QRUN_BACKEND='gpu' .*auto, triton, tensor"):
+        build_quantizer("lsq", 4, "act")(torch.rand(2, 3))

@@ -20,10 +20,10 @@ QRUN_REPORT = Path(sys.executable).with_name("qrun-report")
 TINY = ["dataset.train_samples=256", "dataset.val_samples=128", "epochs=1", "batch_size=64"]
 
 
-def qrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def qrun(args: list[str], cwd: Path, returncode: int = 0) -> subprocess.CompletedProcess:
     result = subprocess.run([str(QRUN), *args], cwd=cwd, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HYDRA_FULL_ERROR": "1"})
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == returncode, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
 
@@ -35,7 +35,7 @@ def test_installed_qrun_sweep_local_launcher_and_rerun(tmp_path: Path, fashion_m
     """6 jobs on 2 loky workers (so workers are reused): one quantizer that cannot run at 4 bits fails alone."""
     command = ["-m", "hydra/launcher=local", "hydra.launcher.n_jobs=2", "sweep=tiny", *TINY, "progress=false",
                "quant=none,uniform,xnor", "threads=1,null"]
-    first = qrun(command, tmp_path)
+    first = qrun(command, tmp_path, returncode=1)  # failed jobs: exit 1 after the summary
     sweep = tmp_path / "multirun" / "tiny"
     results = results_of(sweep)
     names = {f"batch_size-64+dataset.train_samples-256+dataset.val_samples-128+epochs-1"
@@ -51,13 +51,14 @@ def test_installed_qrun_sweep_local_launcher_and_rerun(tmp_path: Path, fashion_m
         assert result["threads"] == expected, (name, result["threads"])
         assert result["macs"] > 0 and result["bops"] > 0 and result["size_bytes"] > 0
     assert "2 failed, 4 finished" in first.stdout + first.stderr  # the end-of-sweep summary callback
+    assert "qrun: 2 job(s) of the sweep did not finish" in first.stderr
 
     # Interrupt one job by hand: drop its results.json, keep its checkpoint.
     interrupted = sweep / sorted(n for n in names if "quant-uniform" in n)[0]
     (interrupted / "results.json").unlink()
     finished = {n: (sweep / n / "results.json").stat().st_mtime_ns for n in names
                 if "xnor" not in n and sweep / n != interrupted}
-    second = qrun(command, tmp_path)
+    second = qrun(command, tmp_path, returncode=1)
     for name, mtime in finished.items():
         assert (sweep / name / "results.json").stat().st_mtime_ns == mtime, f"{name} was recomputed"
     log = (interrupted / "qrun.log").read_text() if (interrupted / "qrun.log").exists() else second.stdout + second.stderr

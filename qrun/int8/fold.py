@@ -91,7 +91,9 @@ class FoldedConvBN(nn.Module):
         bias = self.conv.bias.detach() if self.conv.bias is not None else 0.0
         # running <- (1 - m) running + m batch, with the unbiased variance, exactly as nn.BatchNorm2d does.
         bn.running_mean.lerp_(mean.detach() + bias, momentum)
-        bn.running_var.lerp_(var.detach() * count / max(count - 1, 1), momentum)
+        # A new tensor rather than lerp_: the forward read running_var (sigma), and under torch.compile AOTAutograd
+        # lets the backward recompute sigma from the input buffer after an in-place update (wrong gradients).
+        bn.running_var = torch.lerp(bn.running_var, var.detach() * count / max(count - 1, 1), momentum)
 
 
 class _UnfoldedKeys:

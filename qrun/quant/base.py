@@ -27,6 +27,8 @@ class Quantizer(nn.Module):
     max_bits: ClassVar[int] = 16
     # True when the quantizer also rescales the layer output (XNOR-Net's K): the layer then calls scale_output.
     scales_output: ClassVar[bool] = False
+    # Boolean buffers the forward branches on: read once on the host and cached (see `host_flag`).
+    host_flags: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, bits: int, kind: str) -> None:
         super().__init__()
@@ -36,6 +38,7 @@ class Quantizer(nn.Module):
         # A buffer, so a checkpoint remembers that data-dependent values were already set.
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._ready = False  # host-side cache of `initialized`, so the hot path does not read the buffer
+        self._flags: dict[str, bool] = {}  # host-side cache of the `host_flags` buffers
         # True when this quantizer's output feeds only its layer's conv/linear (set by QuantizedLayer): the output
         # gradient is then a fresh tensor nobody else holds, and backward may overwrite it instead of allocating.
         self.grad_in_place = False
@@ -57,6 +60,28 @@ class Quantizer(nn.Module):
     def finish_calibration(self) -> None:
         """Turn recorded statistics into initial parameter values; called once after the calibration batches."""
         self.initialized.fill_(True)
+        self._ready = True
+
+    def host_flag(self, name: str) -> bool:
+        """The boolean buffer `name` as a Python bool, read from the device once (a read per call would be a host
+        sync per step on CUDA, and a graph break under torch.compile)."""
+        if name not in self._flags:
+            self._flags[name] = bool(getattr(self, name))
+        return self._flags[name]
+
+    def set_flag(self, name: str, value: bool) -> None:
+        getattr(self, name).fill_(value)
+        self._flags[name] = bool(value)
+
+    def refresh_host_state(self) -> None:
+        """Read `initialized` and the host flags now (before torch.compile traces the forward, after a load)."""
+        self._ready = bool(self.initialized)
+        self._flags = {name: bool(getattr(self, name)) for name in self.host_flags if hasattr(self, name)}
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        # Read the loaded flags now, at load time: a resumed run's (compiled) training step then reads none.
+        self.refresh_host_state()
 
     def ensure_initialized(self, x: torch.Tensor) -> None:
         """Used without a calibration pass (a unit test, init_batches=0): initialise once from this tensor.

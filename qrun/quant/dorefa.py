@@ -36,6 +36,10 @@ def dorefa_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
         # Eq. 7: the scale E|w| is a constant for the gradient, which goes straight through sign.
         # (w - w.detach()) is exactly 0 forward, so the output is exactly +-E|w|, and carries the gradient of w.
         return (sign(w) * w.detach().abs().mean()).detach() + (w - w.detach())
+    if kernels.device_path(w):
+        from qrun.quant.kernels import device
+
+        return device.dorefa_weight(w, 2**bits - 1)
     return _DoReFaWeight.apply(w, bits)
 
 
@@ -58,9 +62,8 @@ class _DoReFaWeight(Function):
                                            kernels.threads(t.numel()))
             ctx.peak = peak[0]
             return y
-        ctx.peak = t.abs().max()
-        # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1.
-        return (t / (2.0 * ctx.peak)).add_(0.5).mul_(n).round_().div_(n).mul_(2.0).sub_(1.0)
+        y, ctx.peak = dorefa_weight_reference(t, n)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -73,15 +76,34 @@ class _DoReFaWeight(Function):
             lib.qrun_dorefa_weight_backward(grad.data_ptr(), t.data_ptr(), grad_w.data_ptr(), t.numel(), peak,
                                             kernels.threads(t.numel()))
             return grad_w, None
-        at_peak = t.abs() == peak
-        through_peak = torch.sum(grad * t) / (peak * peak * at_peak.sum())
-        grad_t = (grad / peak).sub_(torch.where(at_peak, t.sign() * through_peak, 0.0))
-        return grad_t.mul_(1.0 - t * t), None
+        return dorefa_weight_reference_backward(grad, t, peak), None
 
 
-def dorefa_activation(a: torch.Tensor, bits: int, compact: bool = False, grad_in_place: bool = False) -> torch.Tensor:
-    """clip to [0, 1] then k bits; gradient 1 inside [0, 1], 0 outside."""
+def dorefa_weight_reference(t: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eq. 9 from t = tanh(w), peak = max|t| as a 0-d tensor): the eager path, and the device path's reference."""
+    peak = t.abs().max()
+    # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1.
+    return (t / (2.0 * peak)).add_(0.5).mul_(levels).round_().div_(levels).mul_(2.0).sub_(1.0), peak
+
+
+def dorefa_weight_reference_backward(grad: torch.Tensor, t: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
+    """dL/dw of eq. 9, the max path included (see _DoReFaWeight)."""
+    at_peak = t.abs() == peak
+    through_peak = torch.sum(grad * t) / (peak * peak * at_peak.sum())
+    grad_t = (grad / peak).sub_(torch.where(at_peak, t.sign() * through_peak, 0.0))
+    return grad_t.mul_(1.0 - t * t)
+
+
+def dorefa_activation(a: torch.Tensor, bits: int, compact: bool = False, grad_in_place: bool = False,
+                      unit: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """clip to [0, 1] then k bits; gradient 1 inside [0, 1], 0 outside. `unit`: a 0-d 1.0 on a's device (the
+    device path's grid step source, kept as a buffer so a step allocates nothing)."""
     n = 2**bits - 1
+    if kernels.device_path(a):
+        from qrun.quant.kernels import device
+
+        one = torch.ones((), dtype=torch.float32, device=a.device) if unit is None else unit
+        return device.grid_quantize(a, one, n, 0, n, compact=compact, grad_in_place=grad_in_place)
     return grid_fake_quant(a, 1.0 / n, 0, n, compact, grad_in_place)
 
 
@@ -130,11 +152,12 @@ class DoReFaQuantizer(Quantizer):
         if not (1 <= int(g_bits) <= 16 or int(g_bits) == FULL_PRECISION_GRADIENT):
             raise QrunError(f"quantizer 'dorefa' g_bits={g_bits} is out of range; accepted: 1..16, or 32 (off)")
         self.g_bits = int(g_bits)
+        self.register_buffer("unit", torch.ones(()), persistent=False)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return dorefa_weight(x, self.bits)
-        return dorefa_activation(x, self.bits, torch.is_grad_enabled(), self.grad_in_place)
+        return dorefa_activation(x, self.bits, torch.is_grad_enabled(), self.grad_in_place, self.unit)
 
     def gradient_quantizer(self) -> Optional[nn.Module]:
         if self.kind == "weight" and self.g_bits != FULL_PRECISION_GRADIENT:

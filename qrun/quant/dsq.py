@@ -27,6 +27,7 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.quant import kernels
+from qrun.quant.kernels import device
 from qrun.quant.base import Quantizer, register_quantizer
 from qrun.quant.ste import Codes, above, affine_levels, below, encode, fused_levels, int8_shift, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
@@ -155,6 +156,46 @@ def range_gradients(totals, lo: float, delta: float, levels: int) -> tuple:
     return grad_lower, grad_upper, signed_h * (delta / 2.0)
 
 
+# The device path's reference (what CUDA runs where Triton cannot, and what the Triton kernels are tested
+# against): the same equations with l, u, alpha as 0-d tensors, computed in float32, one rounding per operation.
+def _reference_grid(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int):
+    lo, hi = lower.detach().float(), upper.detach().float()
+    delta = (hi - lo) / levels
+    inv = 1.0 / delta
+    q = torch.mul(x.float(), inv).add_(0.5 - lo / delta).floor_().clamp_(0, levels)
+    return q, lo, hi, delta, inv
+
+
+def dsq_reference_forward(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int,
+                          code_shift: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(Q(x) = l + Delta q, int8 codes q - code_shift or None, [Delta, l, l, u])."""
+    q, lo, hi, delta, _ = _reference_grid(x, lower, upper, levels)
+    codes = None if code_shift is None else torch.sub(q, code_shift).to(torch.int8)
+    return torch.mul(q, delta).add_(lo).to(x.dtype), codes, torch.stack([delta, lo, lo, hi])
+
+
+def dsq_reference_backward(grad: torch.Tensor, x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                           alpha: torch.Tensor, levels: int) -> tuple[torch.Tensor, ...]:
+    """(dL/dx, dL/dl, dL/du, dL/dalpha) from the closed forms of the module docstring."""
+    g, xf = grad.float(), x.float()
+    q, lo, hi, delta, inv = _reference_grid(x, lower, upper, levels)
+    a = alpha.detach().float()
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    g_in = torch.where((xf >= lo) & (xf <= hi), g, zero)
+    r = torch.mul(xf, inv) - lo / delta  # (x - l) / Delta
+    d = (q - torch.mul(xf, inv)) + lo / delta  # q - r = -f + sgn(f)/2: sgn(d) = sgn(f), |f| = 1/2 - |d|
+    f_abs = 0.5 - d.abs()
+    s, c = 1.0 / (1.0 - a), torch.log(2.0 / a - 1.0)
+    t_abs = torch.tanh(c * f_abs)
+    big_d = (s * c / 2.0) * (1.0 - t_abs * t_abs)
+    grad_x = g_in * big_d
+    grad_upper = torch.where(xf > hi, g, zero).sum() + (g_in * (q - big_d * r)).sum() / levels
+    grad_lower = g.sum() - grad_x.sum() - grad_upper
+    dq_dalpha = s * s * t_abs - s * (1.0 - t_abs * t_abs) * 2.0 * f_abs / (a * (2.0 - a))
+    grad_alpha = (delta / 2.0) * torch.where(d > 0, g_in * dq_dalpha, -g_in * dq_dalpha).sum()
+    return grad_x.to(grad.dtype), grad_lower, grad_upper, grad_alpha
+
+
 # Backward works through the tensor in chunks: its ~20 elementwise passes then stay in cache instead of streaming
 # ten activation-sized temporaries through memory (measured ~3x faster on the 2-core CPU than whole tensors).
 CHUNK = 1 << 19
@@ -274,15 +315,26 @@ class DSQQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_initialized(x)
+        compact = self.kind == "act" and torch.is_grad_enabled()
+        if kernels.device_path(x):  # l, u, alpha stay on the device, projection included
+            if self.training:
+                device.dsq_project(self.alpha, self.lower, self.upper, ALPHA_MIN, ALPHA_MAX, MIN_WIDTH)
+                with torch.no_grad():  # the width relative to |l|, |u| (tensor ops: no host sync)
+                    self.upper.copy_(torch.maximum(self.upper, self.lower + min_width(self.lower, self.upper)))
+            lower, upper = self._scaled_bounds(x)
+            return device.dsq_quantize(x, lower, upper, self.alpha, self.levels, compact, self.grad_in_place)
         if self.training:
             self._project()
-        compact = self.kind == "act" and torch.is_grad_enabled()
-        lower, upper = self.lower, self.upper
-        if self.grad_scale and torch.is_grad_enabled():
-            scale = 1.0 / math.sqrt((x.numel() if self.kind == "weight" else x[0].numel()) * self.levels)
-            lower, upper = _ScaleGrad.apply(lower, scale), _ScaleGrad.apply(upper, scale)
+        lower, upper = self._scaled_bounds(x)
         return with_codes(*_DSQFunction.apply(x, lower, upper, self.alpha, self.levels, compact,
                                               self.grad_in_place))
+
+    def _scaled_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """l and u, with their gradients scaled by 1/sqrt(N n) when grad_scale is on (after the projection)."""
+        if not (self.grad_scale and torch.is_grad_enabled()):
+            return self.lower, self.upper
+        scale = 1.0 / math.sqrt((x.numel() if self.kind == "weight" else x[0].numel()) * self.levels)
+        return _ScaleGrad.apply(self.lower, scale), _ScaleGrad.apply(self.upper, scale)
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha), "lower": scalar(self.lower), "upper": scalar(self.upper)}

@@ -17,6 +17,7 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import (
     CODES_ATTR, GRID_LSQ, above, below, dot, grid_backward, grid_codes, grid_levels, pass_inside, scalar, with_codes,
 )
@@ -60,6 +61,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_sca
 @register_quantizer
 class LSQQuantizer(Quantizer):
     name = "lsq"
+    host_flags = ("signed",)
 
     def __init__(self, bits: int, kind: str) -> None:
         super().__init__(bits, kind)
@@ -71,7 +73,7 @@ class LSQQuantizer(Quantizer):
 
     def bounds(self) -> tuple[int, int]:
         """(Q_N, Q_P) of section 2."""
-        if bool(self.signed):
+        if self.host_flag("signed"):
             return 2 ** (self.bits - 1), 2 ** (self.bits - 1) - 1
         return 0, 2**self.bits - 1
 
@@ -83,7 +85,7 @@ class LSQQuantizer(Quantizer):
             return
         if self.kind == "act" and self._observer.min() < 0:
             require_signed_bits(self.name, self.bits, "activations with negative values")
-            self.signed.fill_(True)
+            self.set_flag("signed", True)
         _, qp = self.bounds()
         with torch.no_grad():
             self.step.fill_(max(2.0 * self._observer.abs_mean() / math.sqrt(qp), MIN_STEP))
@@ -98,6 +100,9 @@ class LSQQuantizer(Quantizer):
         qn, qp = self.bounds()
         features = x.numel() if self.kind == "weight" else x[0].numel()
         compact = self.kind == "act" and torch.is_grad_enabled()
+        if device_path(x):  # the step stays on the device: eq. 1-3 in one kernel per direction
+            return device.grid_quantize(x, self.step, 1.0, -qn, qp, device.GRID_LSQ, 1.0 / math.sqrt(features * qp),
+                                        compact=compact, grad_in_place=self.grad_in_place)
         return lsq_quantize(x, self.step, qn, qp, 1.0 / math.sqrt(features * qp), compact, self.grad_in_place)
 
     def learned_values(self) -> dict[str, float]:

@@ -83,6 +83,8 @@ def initialize_from_data(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
     all_quantizers = [q for _, _, q in quantizers(model)]
     pending = [q for q in all_quantizers if not bool(q.initialized)]
     if not pending:
+        for q in all_quantizers:
+            q.refresh_host_state()
         return 0
     saved_buffers = {k: v.clone() for k, v in model.state_dict().items() if _is_norm_buffer(k)}
     for q in pending:
@@ -98,6 +100,8 @@ def initialize_from_data(model: nn.Module, batches: Iterable[torch.Tensor]) -> i
         model.load_state_dict(saved_buffers, strict=False)
     for q in pending:
         q.finish_calibration()
+    for q in all_quantizers:  # the training step then reads no buffer on the host (no sync, no graph break)
+        q.refresh_host_state()
     return used
 
 

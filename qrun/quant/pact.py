@@ -20,6 +20,7 @@ from torch.autograd import Function
 from qrun.errors import QrunError
 from qrun.quant.base import Quantizer, register_quantizer
 from qrun.quant.dorefa import dorefa_weight
+from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import (
     CODES_ATTR, GRID_PACT, above, below, grid_backward, grid_codes, scalar, sum_above, with_codes,
 )
@@ -68,6 +69,7 @@ def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool 
 @register_quantizer
 class PACTQuantizer(Quantizer):
     name = "pact"
+    host_flags = ("signed",)
 
     def __init__(self, bits: int, kind: str, init_alpha: Optional[float] = None) -> None:
         """init_alpha: fixed initial clipping level (the paper's 10.0); None initialises it from data."""
@@ -91,7 +93,7 @@ class PACTQuantizer(Quantizer):
             signed = self._observer.min() < 0
             if signed:
                 require_signed_bits(self.name, self.bits, "activations with negative values")
-            self.signed.fill_(signed)
+            self.set_flag("signed", signed)
             if self.init_alpha is None:
                 bound = max(-self._observer.min(), self._observer.max()) if signed else self._observer.max()
                 with torch.no_grad():
@@ -106,7 +108,12 @@ class PACTQuantizer(Quantizer):
         if self.training:
             with torch.no_grad():
                 self.alpha.clamp_(min=MIN_ALPHA)
-        return pact_quantize(x, self.alpha, self.bits, bool(self.signed), torch.is_grad_enabled(), self.grad_in_place)
+        signed = self.host_flag("signed")
+        if device_path(x):  # alpha stays on the device: eq. 1-3 in one kernel per direction
+            qmax = signed_qmax(self.bits) if signed else unsigned_qmax(self.bits)
+            return device.grid_quantize(x, self.alpha, qmax, -qmax if signed else 0, qmax, device.GRID_PACT,
+                                        compact=torch.is_grad_enabled(), grad_in_place=self.grad_in_place)
+        return pact_quantize(x, self.alpha, self.bits, signed, torch.is_grad_enabled(), self.grad_in_place)
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha)} if self.kind == "act" else {}

@@ -86,6 +86,9 @@ class Codes(NamedTuple):
     dtype: torch.dtype
     shift: int = 0
     fused: bool = False  # made by kernels.c, whose decode repeats the forward's float operations exactly
+    # Made on the device path: [scale, offset] as a float32 device tensor (scale/offset above are unused), and
+    # y = codes' level * affine[0] + affine[1], as that path's forward computes it.
+    affine: Optional[torch.Tensor] = None
 
 
 def int8_shift(qmin: int, qmax: int) -> Optional[int]:
@@ -122,6 +125,10 @@ def affine_levels(q: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
 
 
 def decode(c: Codes) -> torch.Tensor:
+    if c.affine is not None:
+        from qrun.quant.kernels import device
+
+        return device.decode(c.codes, c.affine, c.shift, c.dtype)
     lib = kernels.library() if c.fused else None
     if lib is None:
         return affine_levels(levels_of(c.codes, c.shift, c.dtype), c.scale, c.offset)
@@ -205,6 +212,44 @@ def grid_backward(grad: torch.Tensor, x: torch.Tensor, lo_t: float, hi_t: float,
 
 
 GRID_PLAIN, GRID_LSQ, GRID_PACT = 0, 1, 2  # the `rule` values of kernels.c's qrun_grid_backward
+
+
+# The device path's reference (CUDA tensors that Triton cannot take, QRUN_BACKEND=tensor, and what the Triton
+# kernels are tested against): the same grid with its scalars kept as 0-d tensors, computed in float32.
+def grid_reference_forward(x: torch.Tensor, src: torch.Tensor, divisor: float, min_src: float, qmin: int, qmax: int,
+                           code_shift: Optional[int]) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(y = step * clamp(round(x / step), qmin, qmax), int8 codes q - code_shift or None, [step, 0, lo, hi]).
+
+    The clip range [lo, hi] is src * (qmin / divisor) .. src * (qmax / divisor): exactly +-src when the top level
+    is src itself (uniform's range, max|W|, PACT's alpha), where qmax * step could round below the element that
+    set the range. Backward reads it (and the step) from the returned affine, not from src, which may change."""
+    bound = src.detach().float().clamp(min=min_src)
+    step = bound / divisor
+    offset = torch.zeros_like(step)
+    q = torch.mul(x.float(), 1.0 / step).round_().clamp_(qmin, qmax)
+    codes = None if code_shift is None else torch.sub(q, code_shift).to(torch.int8)
+    affine = torch.stack([step, offset, bound * (qmin / divisor), bound * (qmax / divisor)])
+    return torch.mul(q, step).add_(offset).to(x.dtype), codes, affine
+
+
+def grid_reference_backward(grad: torch.Tensor, x: torch.Tensor, affine: torch.Tensor, qmin: int, qmax: int,
+                            rule: int, grad_scale: float) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(grad_x, gradient of the step source): the clipped STE, with LSQ's step gradient (eq. 3) or PACT's alpha
+    gradient (eq. 3 of PACT: the elements at or above alpha, minus those at or below -alpha when signed)."""
+    g, xf, step, lo, hi = grad.float(), x.float(), affine[0], affine[2], affine[3]
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    if rule == GRID_PACT:
+        grad_x = torch.where((xf >= lo) & (xf < hi), g, zero)
+        grad_src = torch.where(xf >= hi, g, zero).sum()
+        if qmin < 0:
+            grad_src = grad_src - torch.where(xf <= lo, g, zero).sum()
+        return grad_x.to(grad.dtype), grad_src
+    grad_x = torch.where((xf >= lo) & (xf <= hi), g, zero)
+    if rule == GRID_PLAIN:
+        return grad_x.to(grad.dtype), None
+    q = torch.mul(xf, 1.0 / step).round_().clamp_(qmin, qmax)
+    grad_step = ((g * q).sum() - (grad_x * xf).sum() / step) * grad_scale
+    return grad_x.to(grad.dtype), grad_step
 
 
 class _GridFakeQuant(Function):

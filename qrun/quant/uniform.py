@@ -13,7 +13,10 @@ import torch
 
 from qrun.errors import QrunError
 from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import grid_fake_quant, scalar
+
+MIN_RANGE = 1e-8
 
 
 def signed_qmax(bits: int) -> int:
@@ -63,6 +66,7 @@ class RangeObserver:
 @register_quantizer
 class UniformQuantizer(Quantizer):
     name = "uniform"
+    host_flags = ("signed",)
 
     def __init__(self, bits: int, kind: str, momentum: float = 0.1) -> None:
         """momentum: weight of the batch maximum in the training-time moving average of the activation range
@@ -90,26 +94,43 @@ class UniformQuantizer(Quantizer):
             if signed:
                 require_signed_bits(self.name, self.bits, "activations with negative values")
             bound = max(-self._observer.min(), self._observer.max()) if signed else self._observer.max()
-            self.range.fill_(max(bound, 1e-8))
-            self.signed.fill_(signed)
+            self.range.fill_(max(bound, MIN_RANGE))
+            self.set_flag("signed", signed)
             self._observer = RangeObserver()
         super().finish_calibration()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if device_path(x):
+            return self._quantize_on_device(x)
         if self.kind == "weight":
             qmax = signed_qmax(self.bits)
             return grid_fake_quant(x, max(scalar(x.detach().abs().max()), 1e-12) / qmax, -qmax, qmax)
         self.ensure_initialized(x)
         if self.training and self.momentum > 0:
             with torch.no_grad():
-                batch = x.detach().abs().max() if bool(self.signed) else x.detach().max()
-                self.range.lerp_(batch.to(self.range.dtype).clamp_(min=1e-8), self.momentum)
+                batch = x.detach().abs().max() if self.host_flag("signed") else x.detach().max()
+                self.range.lerp_(batch.to(self.range.dtype).clamp_(min=MIN_RANGE), self.momentum)
         bound, compact = scalar(self.range), torch.is_grad_enabled()
-        if bool(self.signed):
+        if self.host_flag("signed"):
             qmax = signed_qmax(self.bits)
             return grid_fake_quant(x, bound / qmax, -qmax, qmax, compact, self.grad_in_place)
         qmax = unsigned_qmax(self.bits)
         return grid_fake_quant(x, bound / qmax, 0, qmax, compact, self.grad_in_place)
+
+    def _quantize_on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """The same grids with the range and max|W| kept on the device (no host sync)."""
+        if self.kind == "weight":
+            qmax = signed_qmax(self.bits)
+            bound = torch.linalg.vector_norm(x.detach(), float("inf"))
+            return device.grid_quantize(x, bound, qmax, -qmax, qmax, min_src=1e-12)
+        self.ensure_initialized(x)
+        signed = self.host_flag("signed")
+        if self.training and self.momentum > 0:
+            batch = torch.linalg.vector_norm(x.detach(), float("inf")) if signed else x.detach().amax()
+            device.ema_update(self.range, batch, self.momentum, MIN_RANGE)
+        qmax = signed_qmax(self.bits) if signed else unsigned_qmax(self.bits)
+        return device.grid_quantize(x, self.range, qmax, -qmax if signed else 0, qmax,
+                                    compact=torch.is_grad_enabled(), grad_in_place=self.grad_in_place)
 
     def learned_values(self) -> dict[str, float]:
         return {"range": scalar(self.range)} if self.kind == "act" else {}

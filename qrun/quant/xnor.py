@@ -70,7 +70,8 @@ class XNORQuantizer(Quantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":
             return xnor_weight(x)
-        return sign_ste(x, saturate=True, compact=torch.is_grad_enabled())
+        # The compact save is a saved_tensors_hook, which torch.compile cannot trace: plain saving there.
+        return sign_ste(x, saturate=True, compact=torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def scale_output(self, out: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         k = input_scale(x, layer)

@@ -1,4 +1,4 @@
-"""Fused CPU kernels for the fake-quant hot paths, compiled from kernels.c on first use.
+"""The CPU backend: fused kernels for the fake-quant hot paths, compiled from kernels.c on first use.
 
 Why: on CPU an eager quantizer is a chain of elementwise ops, each a pass over an activation-sized tensor and
 most a fresh allocation (5 for a grid forward, ~25 for the DSQ backward); those passes, not the arithmetic, are

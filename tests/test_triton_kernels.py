@@ -1,0 +1,275 @@
+"""The Triton kernels (qrun/quant/kernels/triton_backend.py) against the eager tensor reference they replace.
+
+Each case runs once on the Triton backend and once on the reference (QRUN_BACKEND's "tensor"), from the same
+seeds, and compares levels, outputs, codes (and their decode), the input gradient and the learned parameters'
+gradients. Reduced-precision inputs are computed in float32 and rounded back to their dtype, which is tested
+against the float32 result.
+
+Two places run these tests: a CUDA machine (`pytest -m gpu`, through scripts/gpu_check.sh: the `cuda` cases), and
+CPU tensors under Triton's interpreter (the `cpu` cases), which needs TRITON_INTERPRET=1 before triton is
+imported: tests/test_triton_interpreter.py runs this module in a subprocess with that set, so the rest of the
+suite never sees the interpreter. Run directly without it, the `cpu` cases skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qrun.errors import QrunError
+from qrun.quant import build_quantizer, kernels
+from qrun.quant.kernels import device
+from qrun.quant.ste import CODES_ATTR, decode
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get(kernels.BACKEND_ENV) == "triton"
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 QRUN_BACKEND=triton "
+                                                 "(tests/test_triton_interpreter.py sets them)")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+QUANTIZERS = ["uniform", "lsq", "pact", "dorefa", "dsq"]
+# (name, kind, signed input): signed activations take the symmetric grids (DoReFa clips to [0, 1]: no such case)
+CASES = [(name, kind, signed) for name in QUANTIZERS for kind, signed in
+         (("weight", True), ("act", False), ("act", True)) if not (name == "dorefa" and kind == "act" and signed)]
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    previous = kernels.forced()
+    kernels.set_backend(name)
+    try:
+        yield
+    finally:
+        kernels.set_backend(previous)
+
+
+def triton_name(dev: str) -> str:
+    return "triton" if dev == "cpu" else "auto"
+
+
+def sample(kind: str, signed: bool, dev: str, channels_last: bool) -> torch.Tensor:
+    """1,296 elements: more than one 1,024-element block, so masks and the partial-sum reduction are exercised."""
+    generator = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 9, 9, generator=generator) * (0.4 if kind == "weight" else 1.5)
+    if not signed:
+        x = x.relu()
+    x = x.to(dev)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def build(name: str, bits: int, kind: str, x: torch.Tensor):
+    q = build_quantizer(name, bits, kind).to(x.device)
+    if kind == "act":
+        q.calibrating = True
+        q(x.float())
+        q.calibrating = False
+        q.finish_calibration()
+    return q.train()
+
+
+def run_once(name: str, bits: int, kind: str, x: torch.Tensor, which: str):
+    """Forward + backward of a fresh quantizer on `which` backend: outputs, codes, gradients, parameter values."""
+    with backend(which):
+        q = build(name, bits, kind, x)
+        xg = x.detach().clone().requires_grad_()
+        y = q(xg)
+        codes = getattr(y, CODES_ATTR, None)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.device, y.dtype)
+        g = g.contiguous(memory_format=torch.channels_last) if y.is_contiguous(memory_format=torch.channels_last) \
+            and not y.is_contiguous() else g
+        decoded = None if codes is None else decode(codes)
+        y.backward(g)
+        params = {n: p.grad.clone() for n, p in q.named_parameters()}
+        state = {n: t.detach().clone() for n, t in q.state_dict().items()}
+    return y.detach(), codes, decoded, xg.grad, params, state
+
+
+def quantizer_or_skip(name: str, bits: int, kind: str) -> None:
+    try:
+        build_quantizer(name, bits, kind)
+    except QrunError as error:
+        pytest.skip(str(error))
+
+
+def assert_same(triton_run, reference_run, name: str) -> None:
+    (y_t, c_t, d_t, gx_t, p_t, s_t), (y_r, c_r, d_r, gx_r, p_r, s_r) = triton_run, reference_run
+    assert y_t.dtype == y_r.dtype and y_t.stride() == y_r.stride()
+    assert torch.equal(y_t, y_r), "identical levels and outputs"
+    assert (c_t is None) == (c_r is None)
+    if c_t is not None:
+        assert torch.equal(c_t.codes, c_r.codes), "identical 1-byte codes"
+        assert torch.equal(d_t, y_t) and torch.equal(d_r, y_r), "the codes rebuild the output exactly"
+    if name == "dsq" or (name in ("dorefa", "pact") and gx_t.abs().max() > 0 and not torch.equal(gx_t, gx_r)):
+        # phi's derivative (DSQ) and DoReFa's weight gradient divide and exponentiate: float tolerance.
+        assert torch.allclose(gx_t.float(), gx_r.float(), rtol=2e-3 if gx_t.dtype != torch.float32 else 1e-5,
+                              atol=1e-5)
+    else:
+        assert torch.equal(gx_t, gx_r), "the straight-through gradient is a mask: identical"
+    assert p_t.keys() == p_r.keys()
+    for key in p_t:
+        scale = max(1.0, float(p_r[key].abs().max()))
+        assert torch.allclose(p_t[key], p_r[key], rtol=1e-4, atol=1e-5 * scale), key
+    for key in s_t:
+        assert torch.equal(s_t[key], s_r[key]), f"{key}: observers and projections agree"
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("name, kind, signed", CASES)
+def test_triton_equals_the_eager_reference(name: str, kind: str, signed: bool, bits: int, channels_last: bool,
+                                           dev: str) -> None:
+    quantizer_or_skip(name, bits, kind)
+    if signed and kind == "act" and bits < 2 and name != "dsq":
+        pytest.skip("a signed grid needs 2 bits")
+    x = sample(kind, signed, dev, channels_last)
+    assert_same(run_once(name, bits, kind, x, triton_name(dev)), run_once(name, bits, kind, x, "tensor"), name)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("name", QUANTIZERS)
+def test_reduced_precision_inputs_are_quantized_in_float32(name: str, channels_last: bool, dtype: torch.dtype,
+                                                          dev: str) -> None:
+    """A bf16/fp16 activation is widened to float32, quantized, and the output rounded back to its dtype."""
+    x = sample("act", False, dev, channels_last).to(dtype)
+    triton_run = run_once(name, 4, "act", x, triton_name(dev))
+    assert_same(triton_run, run_once(name, 4, "act", x, "tensor"), name)
+    y32 = run_once(name, 4, "act", x.float(), triton_name(dev))[0]
+    assert torch.equal(triton_run[0], y32.to(dtype)), "the float32 result, rounded once to the input's dtype"
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_grid_rounds_half_to_even(dev: str) -> None:
+    """x / step exactly at k + 1/2 goes to the even level, as torch.round does."""
+    x = (torch.arange(-40, 41, dtype=torch.float32) * 0.125).to(dev)  # step 1/4: x / step = k/2
+    src = torch.ones((), device=dev)
+    with backend(triton_name(dev)):
+        y = device.grid_quantize(x, src, 4.0, -7, 7)
+    expected = torch.round(x * 4.0).clamp(-7, 7) / 4.0
+    assert torch.equal(y, expected)
+    halves = {0.125: 0.0, 0.375: 0.5, 0.625: 0.5, -0.375: -0.5}  # x / step = 0.5, 1.5, 2.5, -1.5
+    assert all(float(y[x == k]) == v for k, v in halves.items()), "halves go to the even level"
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_dsq_projection_and_uniform_range_average_match_the_reference(dev: str) -> None:
+    values = {}
+    for which in (triton_name(dev), "tensor"):
+        with backend(which):
+            alpha, lower, upper = (torch.tensor(v, device=dev) for v in (0.9, 0.5, 0.4))
+            device.dsq_project(alpha, lower, upper, 1e-4, 0.5, 1e-6)
+            rng = torch.tensor(2.0, device=dev)
+            device.ema_update(rng, torch.tensor(3.0, device=dev), 0.1, 1e-8)
+            device.ema_update(rng, torch.tensor(-1.0, device=dev), 0.1, 1e-8)
+            values[which] = torch.stack([alpha, lower, upper, rng])
+    triton_values, reference = values.values()
+    assert torch.equal(triton_values, reference)
+    assert reference[0] == 0.5 and reference[2] > reference[1], "alpha clamped into (0, 0.5], u > l"
+
+
+# ------------------------------------------------------------------------------------------- step counts
+class OpCounter(TorchDispatchMode):
+    """Counts aten calls: all of them, the ones that launch work (allocations and views launch nothing), and
+    `_local_scalar_dense`, the op behind every `.item()`/`float(t)`/`bool(t)`: a host sync on CUDA."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = self.launching = self.syncs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        packet = func.overloadpacket
+        if packet is torch.ops.aten._local_scalar_dense:
+            self.syncs += 1
+        if not (func.is_view or packet in NON_LAUNCHING):
+            self.launching += 1
+        return func(*args, **(kwargs or {}))
+
+
+NON_LAUNCHING = {torch.ops.aten.empty, torch.ops.aten.empty_like, torch.ops.aten.empty_strided,
+                 torch.ops.aten.new_empty, torch.ops.aten.new_empty_strided, torch.ops.aten.detach,
+                 torch.ops.aten.alias}
+STEP_QUANTIZERS = ["none", *QUANTIZERS, "xnor", "twn", "affine"]
+
+
+def triton_launches() -> int:
+    import sys
+
+    module = sys.modules.get("qrun.quant.kernels.triton_backend")
+    return 0 if module is None else module.launches
+
+
+def count_training_step(name: str, dev: str) -> dict[str, object]:
+    """One resnet20 step (forward, backward, SGD step) after initialisation and a warm-up step, W4A4 (xnor W1A1,
+    twn W2 with float inputs), quantize_input=true, batch 2 of 8x8 images, on the path CUDA takes."""
+    from torch import nn
+
+    from qrun.models import get_model
+    from qrun.quant import initialize_from_data, quantize_model, quantizer_parameters, quantizers
+
+    torch.manual_seed(0)
+    bits = {"xnor": 1, "twn": 2}.get(name, 4)
+    model = get_model("resnet20", num_classes=10, in_channels=3)
+    quantize_model(model, name, bits, bits, name != "twn")
+    model.to(dev).train()
+    x = torch.randn(2, 3, 8, 8, device=dev)
+    target = torch.tensor([1, 7], device=dev)
+    initialize_from_data(model, [x])
+    quant_ids = {id(p) for p in quantizer_parameters(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in quant_ids], "weight_decay": 5e-4},
+              {"params": [p for p in model.parameters() if id(p) in quant_ids], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=0.01, momentum=0.9, foreach=True)
+
+    def phases() -> dict[str, tuple[int, int, int, int]]:
+        counts = {}
+        for phase in ("forward", "backward", "step"):
+            counter, launched = OpCounter(), triton_launches()
+            with counter:
+                if phase == "forward":
+                    loss = nn.functional.cross_entropy(model(x), target)
+                elif phase == "backward":
+                    loss.backward()
+                else:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            counts[phase] = (counter.calls, counter.launching, counter.syncs, triton_launches() - launched)
+        return counts
+
+    with backend("tensor"):
+        phases()  # warm-up (momentum buffers, lazy state), on the fast reference: the interpreter is slow
+    return {"phases": phases(), "quantizers": sum(1 for _ in quantizers(model))}
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_training_step_on_the_device_path_never_syncs_and_adds_few_launches(dev: str, monkeypatch) -> None:
+    if dev == "cpu":  # one interpreted program per launch (its cost is per program, not per element)
+        from qrun.quant.kernels import triton_backend
+
+        monkeypatch.setattr(triton_backend, "BLOCK", 1 << 16)
+    with backend(triton_name(dev)):
+        counts = {name: count_training_step(name, dev) for name in STEP_QUANTIZERS}
+    float_phases = counts["none"]["phases"]
+    lines = []
+    for name in STEP_QUANTIZERS:
+        phases, q = counts[name]["phases"], counts[name]["quantizers"]
+        assert all(p[2] == 0 for p in phases.values()), f"{name}: host syncs in a step: {phases}"
+        if name == "none":
+            continue
+        extra = {phase: phases[phase][1] - float_phases[phase][1] for phase in phases}
+        lines.append(f"{name}: {q} quantizers; launching aten ops fwd/bwd/step {phases['forward'][1]}/"
+                     f"{phases['backward'][1]}/{phases['step'][1]} (float {float_phases['forward'][1]}/"
+                     f"{float_phases['backward'][1]}/{float_phases['step'][1]}), extra per quantizer fwd "
+                     f"{extra['forward'] / q:.2f} bwd {extra['backward'] / q:.2f}; all aten calls fwd/bwd "
+                     f"{phases['forward'][0]}/{phases['backward'][0]}; Triton launches fwd/bwd "
+                     f"{phases['forward'][3]}/{phases['backward'][3]}")
+        if name in QUANTIZERS:
+            assert extra["forward"] <= 2 * q and extra["backward"] <= 2 * q, lines[-1]
+            assert phases["forward"][3] > 0, "the Triton kernels ran"
+    print("\n" + "\n".join(lines))
