@@ -210,7 +210,10 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # One state per GPU the saving run saw; a resume may see fewer (CUDA_VISIBLE_DEVICES, a smaller node) or
+        # more: restore those both have (set_rng_state_all would raise IndexError on the missing devices).
+        for index, cuda_state in zip(range(torch.cuda.device_count()), state["cuda"]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def _plain_python_state(state: tuple) -> list:

@@ -140,8 +140,15 @@ class QrunConfig:
     deterministic: bool = False
     device: Device = Device.auto
     amp: bool = False
-    workers: int = 0
+    # Autocast dtype under amp=true: bfloat16 (no loss scaling needed) or float16 (with a GradScaler).
+    amp_dtype: str = "bfloat16"
+    # DataLoader worker processes; null: 0 for in-memory data (MNIST family, CIFAR), several for image files on CUDA.
+    workers: Optional[int] = None
     progress: bool = True
+    # Off a terminal (no bar): a log line each time another log_every_percent % of an epoch is done, at most one
+    # per log_every_s seconds; log_every_percent=0 turns the lines off.
+    log_every_percent: float = 10.0
+    log_every_s: float = 30.0
     compile: bool = False
     # NHWC tensors: oneDNN's CPU convolutions (and tensor cores) run markedly faster on them.
     channels_last: bool = True
@@ -179,6 +186,7 @@ FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
 DIST_BACKENDS = ("gloo", "nccl")
 PRETRAINED_MODELS = ("resnet18", "resnet34", "resnet50")  # torchvision ImageNet weights (qrun.weights)
 CIFAR_RESNET_BLOCKS = ("basic", "binary")  # = qrun.models.resnet_cifar.BLOCKS
+AMP_DTYPES = ("bfloat16", "float16")
 LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "quantize_input", "skip")  # = qrun.quant.policy.OVERRIDE_KEYS
 MAX_SEED = 2**32 - 1  # numpy's limit
 
@@ -280,7 +288,9 @@ RANGES: list[Range] = [
     Range("eval_batch_size", 1, integer=True),
     Range("calib_batches", 1, integer=True),
     Range("threads", 1, integer=True, nullable=True, note="automatic"),
-    Range("workers", 0, integer=True),
+    Range("workers", 0, integer=True, nullable=True, note="automatic"),
+    Range("log_every_percent", 0, 100, note="0: no progress lines"),
+    Range("log_every_s", 0),
     Range("seed", 0, MAX_SEED, integer=True),
     Range("label_smoothing", 0, 1, high_open=True),
     Range("dataset.train_samples", 1, integer=True, nullable=True, note="all"),
@@ -357,6 +367,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_choices(cfg: DictConfig) -> None:
+    if cfg.get("amp_dtype", AMP_DTYPES[0]) not in AMP_DTYPES:
+        raise choice_error("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
     if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
         raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
     if cfg.optimizer.name not in OPTIMIZERS:

@@ -71,6 +71,10 @@ def setup(device: torch.device, backend: Optional[str] = None) -> DistInfo:
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if backend == "nccl" and device.type != "cuda":
         raise QrunError(f"dist_backend=nccl needs device=cuda (device is {device.type}); accepted on CPU: gloo")
+    if device.type == "cuda":
+        # Before the group exists and before any collective: NCCL places its communicator and every object
+        # collective (broadcast_object) on the *current* device, which would otherwise be GPU 0 on every rank.
+        torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
     if not info.is_main:
@@ -155,12 +159,21 @@ def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def collective_device() -> torch.device:
+    """Where the tensors handed to a collective must live: NCCL takes only tensors on this rank's current CUDA
+    device ("No backend type associated with device type cpu" otherwise); gloo takes CPU tensors."""
+    if dist.get_backend() == dist.Backend.NCCL:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reduce_metrics(metrics: dict[str, float], samples: int, info: DistInfo,
                    averaged: tuple[str, ...]) -> dict[str, float]:
     """Sample-weighted mean over ranks of the `averaged` keys; other keys keep this rank's value."""
     if not info.enabled:
         return metrics
-    values = torch.tensor([metrics[k] * samples for k in averaged] + [float(samples)], dtype=torch.float64)
+    values = torch.tensor([metrics[k] * samples for k in averaged] + [float(samples)], dtype=torch.float64,
+                          device=collective_device())
     dist.all_reduce(values)
     total = float(values[-1])
     reduced = dict(metrics)
@@ -175,7 +188,7 @@ def broadcast_object(value: object, info: DistInfo) -> object:
     if not info.enabled:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=0)
+    dist.broadcast_object_list(holder, src=0, device=collective_device())
     return holder[0]
 
 

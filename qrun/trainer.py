@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from qrun import (
-    checkpoint, complexity, distill, distributed, guard, lock, preempt, quant, resources, runconfig, schedule, weights,
+    checkpoint, complexity, distill, distributed, guard, lock, preempt, progress, quant, resources, runconfig, schedule,
+    weights,
 )
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches
@@ -75,6 +76,7 @@ def run(cfg: DictConfig, overrides: Optional[list[str]] = None) -> dict[str, Any
             cfg = runconfig.for_run(cfg, folder, overrides)
             context = RunContext(cfg=cfg, output_dir=folder, device=distributed.device_for(device, dist_info),
                                  started=time.perf_counter(), dist=dist_info)
+            progress.start_run(cfg, context.device, context.output_dir)
             configure_determinism(cfg.seed, cfg.deterministic)
             return MODES[mode](context)
     finally:
@@ -208,7 +210,8 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
     optimizer = build_optimizer(model, cfg.optimizer, cfg.quant.lr_scale)
     segments = [[0, int(cfg.epochs)]]
     scheduler = schedule.build(optimizer, cfg.scheduler, segments, steps_per_epoch)
-    scaler = torch.amp.GradScaler(context.device.type) if cfg.amp else None
+    fp16 = cfg.get("amp_dtype") == "float16"  # only float16 autocast needs loss scaling
+    scaler = torch.amp.GradScaler(context.device.type, enabled=fp16) if cfg.amp else None
     return TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                          steps_per_epoch=steps_per_epoch, history=[], segments=segments)
 
@@ -251,7 +254,8 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, va
     stop = stop or preempt.StopRequest()
     criterion = distill.wrap_criterion(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), cfg,
                                        context.device, build_model)  # a teacher when distill.teacher is set
-    tracker = guard.StepTracker(criterion, amp=cfg.amp)
+    # Only float16 AMP has a GradScaler that skips non-finite steps; under bf16 a non-finite loss is divergence.
+    tracker = guard.StepTracker(criterion, amp=cfg.amp and cfg.get("amp_dtype") == "float16")
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)

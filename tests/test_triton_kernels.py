@@ -273,3 +273,52 @@ def test_a_training_step_on_the_device_path_never_syncs_and_adds_few_launches(de
             assert extra["forward"] <= 2 * q and extra["backward"] <= 2 * q, lines[-1]
             assert phases["forward"][3] > 0, "the Triton kernels ran"
     print("\n" + "\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ NaN
+# Triton's tl.maximum/tl.minimum drop a NaN operand by default (PTX max.f32; the interpreter's np.fmax), torch's
+# clamp keeps it: a diverging activation or parameter would silently become a valid level on the Triton path.
+@pytest.mark.parametrize("dev", DEVICES)
+def test_nan_propagates_through_levels_range_average_and_projection_as_in_the_reference(dev: str) -> None:
+    x = torch.tensor([0.3, float("nan"), -0.7, 2.0], device=dev)
+    results = {}
+    for which in (triton_name(dev), "tensor"):
+        with backend(which):
+            y = device.grid_quantize(x, torch.ones((), device=dev), 7.0, -7, 7)
+            d = device.dsq_quantize(x, torch.tensor(-1.0, device=dev), torch.tensor(1.0, device=dev),
+                                    torch.tensor(0.2, device=dev), 15)
+            nan_range = torch.ones((), device=dev)
+            y_nan_step = device.grid_quantize(x, torch.tensor(float("nan"), device=dev), 7.0, -7, 7)
+            device.ema_update(nan_range, torch.tensor(float("nan"), device=dev), 0.1, 1e-8)
+            alpha, lower, upper = (torch.tensor(v, device=dev) for v in (float("nan"), 0.0, float("nan")))
+            device.dsq_project(alpha, lower, upper, 1e-4, 0.5, 1e-6)
+            results[which] = [t.isnan().cpu() for t in (y, d, y_nan_step, nan_range, alpha, upper)]
+    for got, expected in zip(*results.values()):
+        assert torch.equal(got, expected)
+    assert results["tensor"][0].tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_nan_stays_nan_when_stored_as_bfloat16(dev: str) -> None:
+    """CUDA's arithmetic NaN is 0x7FFFFFFF; the kernels' round-to-nearest-even on the bits must not carry it into
+    the sign bit (it would become -0.0)."""
+    nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)[0]
+    aff = torch.stack([nan, torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0)]).to(dev)
+    codes = torch.arange(-3, 4, dtype=torch.int8, device=dev)
+    with backend(triton_name(dev)):
+        y = device.decode(codes, aff, 0, torch.bfloat16)
+    assert y.isnan().all(), y
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_custom_ops_fake_implementations_match_the_triton_outputs(dtype: torch.dtype, dev: str) -> None:
+    """torch.compile plans buffers from the fake outputs: dtype and strides must be what the kernels return."""
+    x = torch.randn(2, 4, 5, 5, dtype=dtype).to(dev).contiguous(memory_format=torch.channels_last)
+    scalar = lambda v: torch.tensor(v, device=dev)  # noqa: E731
+    cases = [(torch.ops.qrun.grid_quantize, (x, scalar(1.5), 7.0, -float("inf"), 0, 7, 1, 0.1)),
+             (torch.ops.qrun.dsq_quantize, (x, scalar(-1.0), scalar(1.0), scalar(0.2), 15)),
+             (torch.ops.qrun.dorefa_weight, (torch.randn(4, 3, 3, 3, dtype=dtype).to(dev), 15))]
+    with backend(triton_name(dev)):
+        for op, args in cases:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

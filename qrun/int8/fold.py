@@ -62,7 +62,7 @@ class FoldedConvBN(nn.Module):
             weight = self._quantized(weight)
             if self.conv.weight_quantizer is not None:  # after the weight quantizer: S_w is current
                 bias = self.conv.weight_quantizer.quantize_bias(bias, self.conv.input_quantizer)
-            out = self.conv._conv_forward(x_q, weight, bias)
+            out = self.conv.compute_quantized(x_q, weight, bias)
         return self.conv.finish_output(out, x)
 
     def _forward_batch_statistics(self, x_q: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ class FoldedConvBN(nn.Module):
         gamma, beta = self._gamma_beta()
         sigma = torch.sqrt(bn.running_var + bn.eps)
         factor = gamma / sigma
-        y = self.conv._conv_forward(x_q, self._quantized(self.conv.weight * factor.reshape(-1, 1, 1, 1)), None)
+        y = self.conv.compute_quantized(x_q, self._quantized(self.conv.weight * factor.reshape(-1, 1, 1, 1)), None)
         # y / factor approximates w x: its batch mean and variance are BatchNorm's mu_B and sigma_B^2. The conv
         # bias b shifts mu_B by b and cancels in the normalised output, so it only enters the running mean.
         raw = y / factor.reshape(1, -1, 1, 1)

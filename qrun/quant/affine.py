@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qrun.errors import QrunError
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 
 # torch.ao's observers clamp the scale to float32 epsilon; the same floor keeps the maths comparable.
 SCALE_EPS = torch.finfo(torch.float32).eps
@@ -142,6 +142,13 @@ class AffineQuantizer(Quantizer):
             return bias
         scale = (input_quantizer.qparams()[0] * self.qparams()[0]).to(bias.dtype)
         return bias + (torch.round(bias / scale) * scale - bias).detach()
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        """S (q - Z): weights have Z = 0; for activations |q - Z| <= qmax - qmin."""
+        scale = self.qparams()[0].detach()
+        if scale.dim() > 0:
+            scale = scale.reshape(-1, *([1] * (y.dim() - 1)))
+        return IntegerGrid(scale, None, self.qmax if self.kind == "weight" else self.qmax - self.qmin)
 
     def learned_values(self) -> dict[str, float]:
         if not self._observed():

@@ -8,7 +8,7 @@ set during a calibration pass driven by `qrun.quant.initialize_from_data`, never
 from __future__ import annotations
 
 import inspect
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -16,6 +16,18 @@ from torch import nn
 from qrun.errors import QrunError, choice_error
 
 KINDS = ("weight", "act")
+
+
+class IntegerGrid(NamedTuple):
+    """A quantizer output y = offset + scale * k with integer levels k, |k| <= max_level (see qrun/quant/amp.py).
+
+    scale and offset are detached float32 tensors, 0-d or broadcastable to y (per output channel); offset None
+    means 0. Under autocast the layer feeds its conv the levels k, exact in bf16 up to 256, and rescales the output.
+    """
+
+    scale: torch.Tensor
+    offset: Optional[torch.Tensor]
+    max_level: int
 
 
 class Quantizer(nn.Module):
@@ -27,6 +39,9 @@ class Quantizer(nn.Module):
     max_bits: ClassVar[int] = 16
     # True when the quantizer also rescales the layer output (XNOR-Net's K): the layer then calls scale_output.
     scales_output: ClassVar[bool] = False
+    # True when `quantize` takes bf16/fp16 inputs itself and returns exactly quantize(x.float()), in float32 (a
+    # kernel that loads low precision and computes in float32): under autocast the input is then not copied.
+    takes_low_precision: ClassVar[bool] = False
     # Boolean buffers the forward branches on: read once on the host and cached (see `host_flag`).
     host_flags: ClassVar[tuple[str, ...]] = ()
 
@@ -44,6 +59,13 @@ class Quantizer(nn.Module):
         self.grad_in_place = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # AMP never changes the levels: quantize in float32 (the result the fp32 run gives this input).
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x if self.takes_low_precision else x.float())
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.calibrating:
             # During calibration the float tensor flows on untouched, so downstream layers see the
             # statistics they would see without quantization, and this quantizer records what it needs.
@@ -115,6 +137,11 @@ class Quantizer(nn.Module):
     @classmethod
     def prepare_model(cls, model: nn.Module, **options: object) -> None:
         """Model-level changes a scheme needs once its layers are swapped in (affine folds BatchNorm); none here."""
+
+    def integer_grid(self, y: torch.Tensor) -> Optional[IntegerGrid]:
+        """How this quantizer's output `y` (just computed) factors into integer levels; None: it does not, and a
+        layer under autocast then runs this quantizer and its conv in float32."""
+        return None
 
     def learned_values(self) -> dict[str, float]:
         """Scalar summaries of learned (or data-derived) values, for TensorBoard and the learned-parameter table."""

@@ -19,7 +19,7 @@ from torch.autograd import Function
 
 from qrun.errors import QrunError
 from qrun.quant import kernels
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import grid_fake_quant, round_ste, sign
 
 FULL_PRECISION_GRADIENT = 32
@@ -79,11 +79,21 @@ class _DoReFaWeight(Function):
         return dorefa_weight_reference_backward(grad, t, peak), None
 
 
+def dorefa_weight_grid(y: torch.Tensor, bits: int) -> IntegerGrid:
+    """k = 1: +-E|w|; k > 1: 2 q / n - 1 = (2 q - n) / n, the odd integers -n..n over n."""
+    if bits == 1:
+        return IntegerGrid(y.detach().abs().amax(), None, 1)
+    n = 2**bits - 1
+    return IntegerGrid(torch.full((), 1.0 / n, device=y.device), None, n)
+
+
 def dorefa_weight_reference(t: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(eq. 9 from t = tanh(w), peak = max|t| as a 0-d tensor): the eager path, and the device path's reference."""
     peak = t.abs().max()
-    # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1.
-    return (t / (2.0 * peak)).add_(0.5).mul_(levels).round_().div_(levels).mul_(2.0).sub_(1.0), peak
+    # Same operations, in the same order, as 2 quantize_k(t / (2 max|t|) + 1/2) - 1; divided by a tensor, as CUDA
+    # divides by a Python number as a * (1/b) (see ste.grid_reference_forward).
+    n = torch.full((), levels, dtype=torch.float32, device=t.device)  # exact up to 16 bits, unlike bf16
+    return (t / (2.0 * peak)).add_(0.5).mul_(levels).round_().div_(n).mul_(2.0).sub_(1.0), peak
 
 
 def dorefa_weight_reference_backward(grad: torch.Tensor, t: torch.Tensor, peak: torch.Tensor) -> torch.Tensor:
@@ -158,6 +168,12 @@ class DoReFaQuantizer(Quantizer):
         if self.kind == "weight":
             return dorefa_weight(x, self.bits)
         return dorefa_activation(x, self.bits, torch.is_grad_enabled(), self.grad_in_place, self.unit)
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        if self.kind == "weight":
+            return dorefa_weight_grid(y, self.bits)
+        n = 2**self.bits - 1
+        return IntegerGrid(torch.full((), 1.0 / n, device=y.device), None, n)
 
     def gradient_quantizer(self) -> Optional[nn.Module]:
         if self.kind == "weight" and self.g_bits != FULL_PRECISION_GRADIENT:

@@ -28,7 +28,7 @@ from torch.autograd import Function
 
 from qrun.quant import kernels
 from qrun.quant.kernels import device
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import Codes, above, affine_levels, below, encode, fused_levels, int8_shift, scalar, with_codes
 from qrun.quant.uniform import RangeObserver
 
@@ -160,7 +160,7 @@ def range_gradients(totals, lo: float, delta: float, levels: int) -> tuple:
 # against): the same equations with l, u, alpha as 0-d tensors, computed in float32, one rounding per operation.
 def _reference_grid(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int):
     lo, hi = lower.detach().float(), upper.detach().float()
-    delta = (hi - lo) / levels
+    delta = (hi - lo) / torch.full_like(hi, levels)  # by a tensor: see ste.grid_reference_forward
     inv = 1.0 / delta
     q = torch.mul(x.float(), inv).add_(0.5 - lo / delta).floor_().clamp_(0, levels)
     return q, lo, hi, delta, inv
@@ -338,3 +338,10 @@ class DSQQuantizer(Quantizer):
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha), "lower": scalar(self.lower), "upper": scalar(self.upper)}
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        lower, upper = self.lower.detach(), self.upper.detach()
+        delta = (upper - lower) / self.levels
+        if self.kind == "weight":  # l + Delta q = (l + u) / 2 + (Delta / 2)(2 q - n): offset ~0 for weights
+            return IntegerGrid(delta / 2.0, (lower + upper) / 2.0, self.levels)
+        return IntegerGrid(delta, lower, self.levels)  # l ~ 0 after a ReLU

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qrun.quant import amp
 from qrun.quant.base import Quantizer
 from qrun.quant.ste import saving_codes
 
@@ -31,6 +32,22 @@ class QuantizedLayer:
         self.grad_quantizer = grad_quantizer
         if input_quantizer is not None:
             input_quantizer.grad_in_place = True  # its output goes to this layer's conv/linear and nowhere else
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.compute_quantized(self.quantized_input(x), self.quantized_weight(), self.quantized_bias())
+        return self.finish_output(out, x)
+
+    def compute_quantized(self, xq: torch.Tensor, wq: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """`compute` on the quantizers' outputs. Under autocast the conv still sees exactly their levels."""
+        dtype = amp.autocast_dtype(xq)
+        if dtype is not None and (self.weight_quantizer is not None or self.input_quantizer is not None):
+            return amp.exact_compute(self, xq, wq, bias, dtype)
+        with saving_codes(xq):
+            return self.compute(xq, wq, bias)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """The float layer's operation on given (quantized) inputs."""
+        raise NotImplementedError
 
     def finish_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Output-side hooks: XNOR-Net's input scaling K, then the gradient quantizer; identity when unused."""
@@ -59,11 +76,8 @@ class QuantConv2d(QuantizedLayer, nn.Conv2d):
         nn.Conv2d.__init__(self, *args, **kwargs)
         self._init_quantizers(weight_quantizer, input_quantizer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.quantized_input(x)
-        with saving_codes(xq):
-            out = self._conv_forward(xq, self.quantized_weight(), self.quantized_bias())
-        return self.finish_output(out, x)
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: Optional[Quantizer] = None,
@@ -82,11 +96,8 @@ class QuantLinear(QuantizedLayer, nn.Linear):
         nn.Linear.__init__(self, *args, **kwargs)
         self._init_quantizers(weight_quantizer, input_quantizer)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self.quantized_input(x)
-        with saving_codes(xq):
-            out = F.linear(xq, self.quantized_weight(), self.quantized_bias())
-        return self.finish_output(out, x)
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: Optional[Quantizer] = None,

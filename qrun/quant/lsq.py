@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.autograd import Function
 
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import (
     CODES_ATTR, GRID_LSQ, above, below, dot, grid_backward, grid_codes, grid_levels, pass_inside, scalar, with_codes,
@@ -107,3 +107,8 @@ class LSQQuantizer(Quantizer):
 
     def learned_values(self) -> dict[str, float]:
         return {"step": scalar(self.step)}
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        # Levels -Q_N..Q_P; an activation grid may be signed or unsigned, 2^b - 1 bounds both.
+        max_level = 2 ** (self.bits - 1) if self.kind == "weight" else 2**self.bits - 1
+        return IntegerGrid(self.step.detach(), None, max_level)

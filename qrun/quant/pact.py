@@ -18,8 +18,8 @@ from torch import nn
 from torch.autograd import Function
 
 from qrun.errors import QrunError
-from qrun.quant.base import Quantizer, register_quantizer
-from qrun.quant.dorefa import dorefa_weight
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
+from qrun.quant.dorefa import dorefa_weight, dorefa_weight_grid
 from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import (
     CODES_ATTR, GRID_PACT, above, below, grid_backward, grid_codes, scalar, sum_above, with_codes,
@@ -117,3 +117,9 @@ class PACTQuantizer(Quantizer):
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha)} if self.kind == "act" else {}
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        if self.kind == "weight":
+            return dorefa_weight_grid(y, self.bits)
+        qmax = torch.where(self.signed, float(signed_qmax(self.bits)), float(unsigned_qmax(self.bits)))
+        return IntegerGrid(self.alpha.detach() / qmax, None, unsigned_qmax(self.bits))

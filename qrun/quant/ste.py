@@ -224,7 +224,8 @@ def grid_reference_forward(x: torch.Tensor, src: torch.Tensor, divisor: float, m
     is src itself (uniform's range, max|W|, PACT's alpha), where qmax * step could round below the element that
     set the range. Backward reads it (and the step) from the returned affine, not from src, which may change."""
     bound = src.detach().float().clamp(min=min_src)
-    step = bound / divisor
+    # Divided by a tensor: CUDA divides by a Python number as a * (1/b), one ulp off the kernels' division.
+    step = bound / torch.full_like(bound, divisor)
     offset = torch.zeros_like(step)
     q = torch.mul(x.float(), 1.0 / step).round_().clamp_(qmin, qmax)
     codes = None if code_shift is None else torch.sub(q, code_shift).to(torch.int8)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import scalar
 
 THRESHOLD_FACTOR = 0.7
@@ -40,6 +40,9 @@ class TWNQuantizer(Quantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return ternarize(x)
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        return IntegerGrid(y.detach().abs().amax(), None, 1)  # alpha {-1, 0, 1}
 
     def alpha_of(self, w: torch.Tensor) -> float:
         """The scale this quantizer gives weight tensor `w` (for tables and tests)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from qrun.errors import QrunError
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import grid_fake_quant, scalar
 
@@ -134,3 +134,10 @@ class UniformQuantizer(Quantizer):
 
     def learned_values(self) -> dict[str, float]:
         return {"range": scalar(self.range)} if self.kind == "act" else {}
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        if self.kind == "weight":  # max|W| sits on the top level
+            qmax = signed_qmax(self.bits)
+            return IntegerGrid(y.detach().abs().amax() / qmax, None, qmax)
+        qmax = torch.where(self.signed, float(signed_qmax(self.bits)), float(unsigned_qmax(self.bits)))
+        return IntegerGrid(self.range.detach() / qmax, None, unsigned_qmax(self.bits))

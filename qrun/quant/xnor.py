@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from qrun.quant.base import Quantizer, register_quantizer
+from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import sign_ste
 
 
@@ -72,6 +72,11 @@ class XNORQuantizer(Quantizer):
             return xnor_weight(x)
         # The compact save is a saved_tensors_hook, which torch.compile cannot trace: plain saving there.
         return sign_ste(x, saturate=True, compact=torch.is_grad_enabled() and not torch.compiler.is_compiling())
+
+    def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
+        if self.kind == "weight":  # +-alpha per output channel
+            return IntegerGrid(y.detach().abs().amax(dim=tuple(range(1, y.dim())), keepdim=True), None, 1)
+        return IntegerGrid(torch.ones((), device=y.device), None, 1)
 
     def scale_output(self, out: torch.Tensor, x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
         k = input_scale(x, layer)

@@ -257,7 +257,9 @@ def _dorefa_op(w: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
 
 @_dorefa_op.register_fake
 def _(w, levels):
-    return torch.empty_like(w), w.new_empty((), dtype=w.dtype), torch.empty_like(w)
+    # The Triton kernels keep the peak in float32; the eager reference in the weight's dtype.
+    peak_dtype = torch.float32 if kernels.triton_usable(w) else w.dtype
+    return torch.empty_like(w), w.new_empty((), dtype=peak_dtype), torch.empty_like(w)
 
 
 @torch.library.custom_op("qrun::dorefa_weight_backward", mutates_args=())

@@ -24,6 +24,8 @@ from torch.utils._python_dispatch import _disable_current_modes
 BLOCK = 1024
 REDUCE_BLOCK = 1024
 GRID_PLAIN, GRID_LSQ, GRID_PACT = 0, 1, 2
+# Clamps keep a NaN, as torch.clamp does (Triton's default drops it: a diverging value would become a level).
+NAN = tl.constexpr(tl.PropagateNan.ALL)
 
 launches = 0  # kernels launched by this process (the step-count test reads it)
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -52,7 +54,8 @@ def _store(ptr, value, mask):
     if ptr.dtype.element_ty == tl.bfloat16:
         bits = value.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        value = bits.to(tl.float32, bitcast=True)
+        # A NaN stays NaN: CUDA's 0x7FFFFFFF would carry into the sign bit and round to -0.0.
+        value = tl.where(value != value, value, bits.to(tl.float32, bitcast=True))
     tl.store(ptr, value.to(ptr.dtype.element_ty), mask=mask)
 
 
@@ -78,7 +81,7 @@ def _affine_of(src_ptr, hi_ptr, divisor, min_src, levels, lo_ratio, hi_ratio, DS
         shift = 0.5 - tl.math.div_rn(lo, scale)
         offset = lo
     else:
-        src = tl.maximum(tl.load(src_ptr).to(tl.float32), min_src)
+        src = tl.maximum(tl.load(src_ptr).to(tl.float32), min_src, propagate_nan=NAN)
         scale = tl.math.div_rn(src, divisor)
         inv = tl.math.div_rn(1.0, scale)
         shift = 0.0
@@ -94,7 +97,7 @@ def _levels(x, inv, shift, qmin, qmax, DSQ: tl.constexpr):
         v = tl.floor(x * inv + shift)
     else:
         v = _round_half_even(x * inv)
-    return tl.minimum(tl.maximum(v, qmin), qmax)
+    return tl.minimum(tl.maximum(v, qmin, propagate_nan=NAN), qmax, propagate_nan=NAN)
 
 
 @triton.jit
@@ -197,7 +200,7 @@ def _dsq_backward_kernel(g_ptr, x_ptr, gx_ptr, lo_ptr, hi_ptr, alpha_ptr, part_p
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    q = tl.minimum(tl.maximum(tl.floor(x * inv + shift), 0.0), levels)
+    q = tl.minimum(tl.maximum(tl.floor(x * inv + shift), 0.0, propagate_nan=NAN), levels, propagate_nan=NAN)
     g_in = tl.where((x >= lo) & (x <= hi), g, 0.0)
     d = (q - x * inv) + lo_over_delta  # q - r: its sign is the sign of f, |f| = 1/2 - |d|
     a = c - 2.0 * c * tl.abs(d)  # 2 c |f|
@@ -304,7 +307,7 @@ def _dorefa_grad_kernel(g_ptr, t_ptr, gw_ptr, peak_ptr, part_ptr, blocks, n, BLO
 def _ema_kernel(range_ptr, batch_ptr, momentum, floor):
     """range <- range + momentum (max(batch, floor) - range): the activation range's moving average."""
     r = tl.load(range_ptr)
-    b = tl.maximum(tl.load(batch_ptr).to(tl.float32), floor)
+    b = tl.maximum(tl.load(batch_ptr).to(tl.float32), floor, propagate_nan=NAN)
     tl.store(range_ptr, r + momentum * (b - r))
 
 
@@ -312,9 +315,9 @@ def _ema_kernel(range_ptr, batch_ptr, momentum, floor):
 def _dsq_project_kernel(alpha_ptr, lo_ptr, hi_ptr, alpha_min, alpha_max, min_width):
     """DSQ's projection after an optimizer step: alpha into [alpha_min, alpha_max], u >= l + min_width."""
     a = tl.load(alpha_ptr)
-    tl.store(alpha_ptr, tl.minimum(tl.maximum(a, alpha_min), alpha_max))
+    tl.store(alpha_ptr, tl.minimum(tl.maximum(a, alpha_min, propagate_nan=NAN), alpha_max, propagate_nan=NAN))
     lo = tl.load(lo_ptr)
-    tl.store(hi_ptr, tl.maximum(tl.load(hi_ptr), lo + min_width))
+    tl.store(hi_ptr, tl.maximum(tl.load(hi_ptr), lo + min_width, propagate_nan=NAN))
 
 
 # ------------------------------------------------------------------------------------------------- launchers
