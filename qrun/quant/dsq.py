@@ -303,7 +303,7 @@ class DSQQuantizer(Quantizer):
         lo, hi = self._observer.min(), self._observer.max()
         with torch.no_grad():
             self.lower.fill_(lo)
-            self.upper.fill_(max(hi, lo + max(MIN_WIDTH, MIN_REL_WIDTH * max(abs(lo), abs(hi)))))
+            self.upper.fill_(max(hi, lo + MIN_WIDTH))
         self._observer = RangeObserver()
         super().finish_calibration()
 
@@ -311,23 +311,29 @@ class DSQQuantizer(Quantizer):
     def _project(self) -> None:
         """Projected gradient descent: after each optimizer step, bring alpha back into (0, 0.5] and keep u > l."""
         self.alpha.clamp_(ALPHA_MIN, ALPHA_MAX)
-        self.upper.copy_(torch.maximum(self.upper, self.lower + min_width(self.lower, self.upper)))
+        if scalar(self.upper) - scalar(self.lower) < MIN_WIDTH:
+            self.upper.copy_(self.lower + MIN_WIDTH)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         self.ensure_initialized(x)
         compact = self.kind == "act" and torch.is_grad_enabled()
         if kernels.device_path(x):  # l, u, alpha stay on the device, projection included
             if self.training:
+                self._widen()
                 device.dsq_project(self.alpha, self.lower, self.upper, ALPHA_MIN, ALPHA_MAX, MIN_WIDTH)
-                with torch.no_grad():  # the width relative to |l|, |u| (tensor ops: no host sync)
-                    self.upper.copy_(torch.maximum(self.upper, self.lower + min_width(self.lower, self.upper)))
             lower, upper = self._scaled_bounds(x)
             return device.dsq_quantize(x, lower, upper, self.alpha, self.levels, compact, self.grad_in_place)
         if self.training:
+            self._widen()
             self._project()
         lower, upper = self._scaled_bounds(x)
         return with_codes(*_DSQFunction.apply(x, lower, upper, self.alpha, self.levels, compact,
                                               self.grad_in_place))
+
+    @torch.no_grad()
+    def _widen(self) -> None:
+        """u >= l + 1e-3 max(|l|, |u|) (tensor ops, no host sync), before the absolute projection."""
+        self.upper.copy_(torch.maximum(self.upper, self.lower + min_width(self.lower, self.upper)))
 
     def _scaled_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """l and u, with their gradients scaled by 1/sqrt(N n) when grad_scale is on (after the projection)."""
