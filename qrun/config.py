@@ -40,6 +40,8 @@ class Device(Enum):
 class ModelConfig:
     name: str = MISSING
     options: dict[str, Any] = field(default_factory=dict)
+    # torchvision's ImageNet weights (resnet18/34/50) through its weights API and cache (TORCH_HOME).
+    pretrained: bool = False
 
 
 @dataclass
@@ -100,6 +102,15 @@ class SchedulerConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation from a trained qrun run (qrun.distill); off while `teacher` is null."""
+
+    teacher: Optional[str] = None  # a qrun run directory or checkpoint file, usually the float run
+    weight: float = 0.5  # w in (1 - w) CE + w T^2 KL
+    temperature: float = 1.0
+
+
+@dataclass
 class PreemptConfig:
     # On these signals: finish the running step, write a mid-epoch checkpoint, exit 75 (qrun.preempt).
     # SIGUSR2 is submitit's requeue signal (the slurm preset's --signal=USR2@...): its handler runs after the save.
@@ -114,6 +125,7 @@ class QrunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     mode: Mode = Mode.train
     resume: Optional[str] = None
     # Where the run writes; null means Hydra's run directory (the normal case on the command line).
@@ -177,6 +189,8 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("cosine", "multistep", "constant")
 FIRST_LAST_POLICIES = ("fp", "8bit", "quantize")
 DIST_BACKENDS = ("gloo", "nccl")
+PRETRAINED_MODELS = ("resnet18", "resnet34", "resnet50")  # torchvision ImageNet weights (qrun.weights)
+CIFAR_RESNET_BLOCKS = ("basic", "binary")  # = qrun.models.resnet_cifar.BLOCKS
 AMP_DTYPES = ("bfloat16", "float16")
 LAYER_OVERRIDE_KEYS = ("w_bits", "a_bits", "quantize_input", "skip")  # = qrun.quant.policy.OVERRIDE_KEYS
 MAX_SEED = 2**32 - 1  # numpy's limit
@@ -209,7 +223,7 @@ NEEDS_ROOT = ("cifar10", "cifar100", "imagenet")
 # are checked without importing torch (2-4 s). tests/test_bad_input.py checks both tables against the real
 # signatures, so a new option that is missing here fails a test instead of being refused silently.
 _CNN_OPTIONS = ("widths", "image_size")
-_CIFAR_RESNET_OPTIONS = ("shortcut",)
+_CIFAR_RESNET_OPTIONS = ("shortcut", "block")
 _TORCHVISION_RESNET_OPTIONS = ("zero_init_residual", "groups", "width_per_group", "replace_stride_with_dilation",
                                "norm_layer")
 MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -220,7 +234,7 @@ MODEL_OPTIONS: dict[str, tuple[str, ...]] = {
 QUANT_OPTIONS: dict[str, tuple[str, ...]] = {
     "none": (),
     "affine": ("per_channel", "averaging_constant", "observer_epochs", "fold_bn", "bn_stats_epochs"),
-    "dorefa": ("g_bits",), "dsq": ("alpha",), "lsq": (), "pact": ("init_alpha",), "twn": (),
+    "dorefa": ("g_bits",), "dsq": ("alpha", "grad_scale"), "lsq": (), "pact": ("init_alpha",), "twn": (),
     "uniform": ("momentum",), "xnor": ("k_scaling",),
 }
 
@@ -299,6 +313,8 @@ RANGES: list[Range] = [
     Range("scheduler.gamma", 0, 1, low_open=True, note="the factor at each milestone"),
     Range("scheduler.min_lr_ratio", 0, 1),
     Range("checkpoint_every_steps", 1, integer=True, nullable=True, note="at epoch ends only"),
+    Range("distill.weight", 0, 1, note="w in (1 - w) CE + w T^2 KL"),
+    Range("distill.temperature", 0, low_open=True),
 ]
 # Quantizer options with a range (the quantizers check them too, but only once torch and the model are built).
 QUANT_OPTION_RANGES: dict[str, list[Range]] = {
@@ -310,7 +326,7 @@ QUANT_OPTION_RANGES: dict[str, list[Range]] = {
                Range("observer_epochs", 0, integer=True, nullable=True, note="never freeze"),
                Range("bn_stats_epochs", 0, integer=True, nullable=True, note="never freeze")],
 }
-BOOL_OPTIONS = {"affine": ("per_channel", "fold_bn"), "xnor": ("k_scaling",)}
+BOOL_OPTIONS = {"affine": ("per_channel", "fold_bn"), "xnor": ("k_scaling",), "dsq": ("grad_scale",)}
 
 
 def check_range(rule: Range, value: Any, prefix: str = "") -> None:
@@ -384,6 +400,16 @@ def _check_preempt(cfg: DictConfig) -> None:
 def _check_mode(cfg: DictConfig) -> None:
     if mode_name(cfg) != Mode.train.value and not cfg.resume:
         raise QrunError(f"mode={mode_name(cfg)} needs resume=<checkpoint file or run directory>")
+
+
+def _check_pretrained_and_block(cfg: DictConfig) -> None:
+    """model.pretrained only where torchvision has weights; the CIFAR ResNets' block names."""
+    if cfg.model.get("pretrained") and cfg.model.name not in PRETRAINED_MODELS:
+        raise QrunError(f"model.pretrained=true has no torchvision weights for model={cfg.model.name}; "
+                        f"accepted: {', '.join(PRETRAINED_MODELS)}")
+    block = cfg.model.options.get("block") if "block" in MODEL_OPTIONS[cfg.model.name] else None
+    if block is not None and block not in CIFAR_RESNET_BLOCKS:
+        raise choice_error("model.options.block", block, CIFAR_RESNET_BLOCKS)
 
 
 def _check_dataset(cfg: DictConfig) -> None:
@@ -486,8 +512,8 @@ def _check_layer_overrides(cfg: DictConfig) -> None:
 def _check_paths(cfg: DictConfig) -> None:
     if cfg.get("output_dir"):
         check_writable_dir("output_dir", cfg.output_dir)
-    for key in ("resume", "init_from"):
-        value = cfg.get(key)
+    for key in ("resume", "init_from", "distill.teacher"):
+        value = OmegaConf.select(cfg, key)
         if value and not Path(str(value)).expanduser().exists():
             raise QrunError(f"{key}={value} does not exist; {key}= takes a checkpoint file or a qrun run directory")
 
@@ -526,7 +552,8 @@ def _check_val_split(cfg: DictConfig) -> None:
 # The consistency checks `validate` runs after the range table; other modules' keys get their own function here.
 CHECKS: list[Callable[[DictConfig], None]] = [
     _check_choices, _check_preempt, _check_mode, _check_dataset, _check_optimizer, _check_scheduler, _check_model_options,
-    _check_quant_options, _check_layer_overrides, _check_paths, _check_val_split,
+    _check_quant_options, _check_layer_overrides, _check_paths, _check_pretrained_and_block,
+    _check_val_split,
 ]
 
 

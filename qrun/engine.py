@@ -90,7 +90,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
         data_time += time.perf_counter() - fetched
         with autocast:
             logits = model(images)
-            loss = criterion(logits, targets)
+            # A distillation criterion (qrun.distill) also needs the batch, for its teacher.
+            loss = criterion(logits, targets, images) if getattr(criterion, "needs_images", False) \
+                else criterion(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

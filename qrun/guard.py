@@ -51,8 +51,13 @@ class StepTracker(nn.Module):
         self.worst_skip_run = torch.zeros((), dtype=torch.int64, device=device)
         self._scale: Optional[torch.Tensor] = None
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        loss = self.criterion(logits, targets)
+    @property
+    def needs_images(self) -> bool:
+        """True when the wrapped criterion also takes the batch's images (distillation, qrun.distill)."""
+        return bool(getattr(self.criterion, "needs_images", False))
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor, *images: torch.Tensor) -> torch.Tensor:
+        loss = self.criterion(logits, targets, *images)
         with torch.no_grad():
             count = targets.numel()
             value = loss.detach().double()

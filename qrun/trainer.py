@@ -20,8 +20,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qrun import (checkpoint, complexity, distributed, guard, lock, preempt, progress, quant, resources, runconfig,
-                  schedule)
+from qrun import (
+    checkpoint, complexity, distill, distributed, guard, lock, preempt, progress, quant, resources, runconfig, schedule,
+    weights,
+)
 from qrun.config import effective_bits, mode_name, validate
 from qrun.data import DataSplits, EpochLoader, build_datasets, epoch_seed, first_batches, resolve_num_classes
 from qrun.guard import Diverged
@@ -226,9 +228,11 @@ def build_training_state(cfg: DictConfig, context: RunContext, steps_per_epoch: 
 def initialize_weights(state: TrainingState, context: RunContext, data: DataSplits) -> None:
     """A fresh run: another run's weights if init_from= names one, then data-dependent quantizer values."""
     cfg = context.cfg
+    if cfg.model.pretrained:
+        weights.load_pretrained(state.model, cfg.model.name)
     if cfg.init_from:
         path = checkpoint.resolve(cfg.init_from, prefer=checkpoint.BEST, key="init_from")
-        load_initial_weights(state.model, checkpoint.load(path), cfg, path)
+        load_initial_weights(state.model, weights.read_initial(path), cfg, path)
     batches = (to_device(b, b, context.device, cfg.channels_last)[0]
                for b in first_batches(data.train, cfg.quant.init_batches, cfg.batch_size, cfg.seed))
     used = quant.initialize_from_data(state.model, batches)
@@ -261,9 +265,10 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, te
     """
     cfg = context.cfg
     stop = stop or preempt.StopRequest()
+    criterion = distill.wrap_criterion(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), cfg,
+                                       context.device, build_model)  # a teacher when distill.teacher is set
     # Only float16 AMP has a GradScaler that skips non-finite steps; under bf16 a non-finite loss is divergence.
-    tracker = guard.StepTracker(nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
-                                amp=cfg.amp and cfg.get("amp_dtype") == "float16")
+    tracker = guard.StepTracker(criterion, amp=cfg.amp and cfg.get("amp_dtype") == "float16")
     step_model = distributed.wrap(state.model, context.dist, context.device)
     step_model = torch.compile(step_model) if cfg.compile else step_model
     logger = Logger(context.output_dir / "tb" if context.dist.is_main else None)
@@ -285,6 +290,7 @@ def fit(state: TrainingState, context: RunContext, train_loader: EpochLoader, te
             metrics = epoch_metrics(epoch, lr, train_metrics, test_metrics, val_metrics)
             is_best = record_epoch(state, metrics)
             log_epoch(logger, state.model, metrics)
+            distill.log_epoch(tracker.criterion, logger, epoch)
             save_checkpoints(state, context, metrics, is_best=is_best)
             if stop.should_stop(0):
                 preempted(state, context, tracker, stop, epoch, state.steps_per_epoch, state.steps_per_epoch)
@@ -499,6 +505,10 @@ def without_quantizer_state(state: dict[str, torch.Tensor]) -> dict[str, torch.T
 def load_initial_weights(model: nn.Module, payload: dict[str, Any], cfg: DictConfig, path: Path) -> None:
     """Start from another run's weights (init_from=, mode=calibrate): same network and dataset, any quantizer."""
     saved = payload["architecture"]
+    if saved is None:  # a plain state dict (torchvision .pth, DataParallel dict...): qrun.weights fits it
+        weights.fit_state(model, payload["model"], path)
+        log.info("weights from %s (a plain state dict)", path)
+        return
     for key in ("model", "dataset"):
         if saved.get(key) != architecture(cfg)[key]:
             raise QrunError(f"checkpoint {path} is for {key}={saved.get(key)}, the config has {key}="

@@ -119,6 +119,10 @@ CASES: list[tuple[str, str]] = [
     ("scheduler.min_lr_ratio=-0.5", "scheduler.min_lr_ratio=-0.5 is out of range"),
     ("checkpoint_every_steps=0", "checkpoint_every_steps=0 is out of range; accepted: null (at epoch ends only) or "
                                  "a positive integer"),
+    ("distill.weight=1.5", "distill.weight=1.5 is out of range; accepted: a finite number, 0 <= value <= 1"),
+    ("distill.temperature=0", "distill.temperature=0.0 is out of range; accepted: a finite number, value > 0"),
+    ("model=resnet20 model.pretrained=true", "model.pretrained=true has no torchvision weights for model=resnet20"),
+    ("model=resnet20 model.options.block=bogus", "unknown model.options.block 'bogus'; accepted: basic, binary"),
     ("preempt.signals=[SIGKILL]", "preempt.signals: 'SIGKILL' is not a signal that can be caught"),
     ("preempt.signals=[SIGBOGUS]", "preempt.signals"),
     # Values that contradict each other or the dataset.

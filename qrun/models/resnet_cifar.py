@@ -2,6 +2,12 @@
 
 Option A (zero-padded, strided identity) keeps resnet20 at 0.27M parameters as in the paper; option B adds
 1x1 conv shortcuts and is available for those who want quantizable downsample layers.
+
+`block="binary"` builds the block order of binary networks (XNOR-Net section 3.2, Fig. 3; seed 002's resnet20_q):
+BN -> (binarize) -> conv -> ReLU. Every conv then reads a BatchNorm output, which is signed and centred, so
+sign() sees both signs. In the standard block each conv reads a ReLU output (>= 0): sign() maps all of it to +1,
+the conv output is then nearly constant over the batch, and the BatchNorm after it divides by that tiny spread,
+which is what made W1A1 gradients explode (max |grad| ~1e7-1e8 at the first step).
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 from torch.nn import functional as F
 
+from qrun.errors import QrunError
 from qrun.models.registry import register_model
 
 
@@ -47,14 +54,44 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.downsample(x))
 
 
+class BinaryBlock(nn.Module):
+    """BN -> conv -> ReLU twice, the ReLU of the second after the residual sum: each conv's input is a BN output."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, shortcut: str) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            if shortcut == "A":
+                self.downsample = PadShortcut(planes - in_planes)
+            else:  # the 1x1 conv reads a BN output too
+                self.downsample = nn.Sequential(nn.BatchNorm2d(in_planes),
+                                                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = self.relu(self.conv1(self.bn1(x)))
+        out = self.conv2(self.bn2(out))
+        return self.relu(out + self.downsample(x))
+
+
+BLOCKS = {"basic": BasicBlock, "binary": BinaryBlock}
+
+
 class CifarResNet(nn.Module):
-    def __init__(self, depth: int, num_classes: int, in_channels: int, shortcut: str = "A") -> None:
+    def __init__(self, depth: int, num_classes: int, in_channels: int, shortcut: str = "A",
+                 block: str = "basic") -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         if shortcut not in ("A", "B"):
-            raise ValueError(f"shortcut must be 'A' or 'B', got {shortcut!r}")
-        blocks = (depth - 2) // 6
+            raise QrunError(f"model.options.shortcut={shortcut} is unknown; accepted: A, B")
+        if block not in BLOCKS:
+            raise QrunError(f"model.options.block={block} is unknown; accepted: {', '.join(BLOCKS)}")
+        blocks, block_class = (depth - 2) // 6, BLOCKS[block]
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
@@ -62,9 +99,9 @@ class CifarResNet(nn.Module):
         stages = []
         for index, planes in enumerate((16, 32, 64)):
             stage = []
-            for block in range(blocks):
-                stride = 2 if index > 0 and block == 0 else 1
-                stage.append(BasicBlock(in_planes, planes, stride, shortcut))
+            for position in range(blocks):
+                stride = 2 if index > 0 and position == 0 else 1
+                stage.append(block_class(in_planes, planes, stride, shortcut))
                 in_planes = planes
             stages.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3 = stages

@@ -34,7 +34,28 @@ from qrun.quant.uniform import RangeObserver
 
 ALPHA_INIT = 0.2  # section 4 of the paper
 ALPHA_MIN, ALPHA_MAX = 1e-4, 0.5  # alpha lives in (0, 0.5]; 1e-4 keeps log(2/alpha - 1) finite
-MIN_WIDTH = 1e-6  # smallest u - l we let the optimizer reach
+MIN_WIDTH = 1e-6  # smallest u - l we let the optimizer reach near 0
+# ... and relative to the bounds' size: an absolute 1e-6 is below float32 resolution once |l| > 32 (u == l, and
+# Delta = 0 divides by zero in the next forward).
+MIN_REL_WIDTH = 1e-3
+
+
+def min_width(lower: torch.Tensor, upper: torch.Tensor) -> torch.Tensor:
+    """Smallest u - l kept by the projection: 1e-3 of max(|l|, |u|), at least MIN_WIDTH (tensor ops, no sync)."""
+    return torch.maximum(lower.abs(), upper.abs()).mul(MIN_REL_WIDTH).clamp_(min=MIN_WIDTH)
+
+
+class _ScaleGrad(Function):
+    """Identity forward; multiplies the gradient by `scale` (LSQ's gradient scale, section 2.2)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
 
 
 def dsq_levels(x: torch.Tensor, lower: float, upper: float, levels: int) -> torch.Tensor:
@@ -254,9 +275,18 @@ class DSQQuantizer(Quantizer):
     name = "dsq"
     min_bits, max_bits = 1, 16
 
-    def __init__(self, bits: int, kind: str, alpha: float = ALPHA_INIT) -> None:
-        """alpha: initial value of the characteristic variable (0.2 in the paper), kept in (0, 0.5]."""
+    def __init__(self, bits: int, kind: str, alpha: float = ALPHA_INIT, grad_scale: bool = False) -> None:
+        """alpha: initial value of the characteristic variable (0.2 in the paper), kept in (0, 0.5].
+
+        grad_scale: multiply the l/u gradients by g = 1/sqrt(N n) (N elements per tensor for weights, per sample
+        for activations; n intervals), as LSQ scales its step. The raw dQ/dl, dQ/du are sums over all N elements:
+        SGD steps moved a resnet18 weight bound by 0.47x its range at lr 0.01, a resnet20 one by 15x at lr 0.1
+        (scripts/dsq_bound_steps.py), enough to cross u and l; scaled, bounds move relative to their range
+        about as much as weights do.
+        configs/quant/dsq.yaml turns it on; off gives the paper's equations exactly (what the gradient tests check).
+        """
         super().__init__(bits, kind)
+        self.grad_scale = bool(grad_scale)
         self.levels = 2**self.bits - 1
         self.alpha = nn.Parameter(torch.tensor(min(max(float(alpha), ALPHA_MIN), ALPHA_MAX)))
         # l/u are placeholders until calibration: weights from the weight tensor, activations from data.
@@ -289,12 +319,28 @@ class DSQQuantizer(Quantizer):
         compact = self.kind == "act" and torch.is_grad_enabled()
         if kernels.device_path(x):  # l, u, alpha stay on the device, projection included
             if self.training:
+                self._widen()
                 device.dsq_project(self.alpha, self.lower, self.upper, ALPHA_MIN, ALPHA_MAX, MIN_WIDTH)
-            return device.dsq_quantize(x, self.lower, self.upper, self.alpha, self.levels, compact, self.grad_in_place)
+            lower, upper = self._scaled_bounds(x)
+            return device.dsq_quantize(x, lower, upper, self.alpha, self.levels, compact, self.grad_in_place)
         if self.training:
+            self._widen()
             self._project()
-        return with_codes(*_DSQFunction.apply(x, self.lower, self.upper, self.alpha, self.levels, compact,
+        lower, upper = self._scaled_bounds(x)
+        return with_codes(*_DSQFunction.apply(x, lower, upper, self.alpha, self.levels, compact,
                                               self.grad_in_place))
+
+    @torch.no_grad()
+    def _widen(self) -> None:
+        """u >= l + 1e-3 max(|l|, |u|) (tensor ops, no host sync), before the absolute projection."""
+        self.upper.copy_(torch.maximum(self.upper, self.lower + min_width(self.lower, self.upper)))
+
+    def _scaled_bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """l and u, with their gradients scaled by 1/sqrt(N n) when grad_scale is on (after the projection)."""
+        if not (self.grad_scale and torch.is_grad_enabled()):
+            return self.lower, self.upper
+        scale = 1.0 / math.sqrt((x.numel() if self.kind == "weight" else x[0].numel()) * self.levels)
+        return _ScaleGrad.apply(self.lower, scale), _ScaleGrad.apply(self.upper, scale)
 
     def learned_values(self) -> dict[str, float]:
         return {"alpha": scalar(self.alpha), "lower": scalar(self.lower), "upper": scalar(self.upper)}

@@ -10,6 +10,8 @@ sign(0) = +1 everywhere, so outputs take exactly two values. Bits must be 1.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -44,10 +46,26 @@ class XNORQuantizer(Quantizer):
         it matters little and costs a box filter per layer)."""
         super().__init__(bits, kind)
         self.k_scaling = bool(k_scaling)
+        self._min_seen: float | None = None  # smallest calibration input (activations only)
 
     @property
     def scales_output(self) -> bool:  # type: ignore[override]
         return self.kind == "act" and self.k_scaling
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.kind == "act":
+            low = float(x.min())
+            self._min_seen = low if self._min_seen is None else min(self._min_seen, low)
+
+    def finish_calibration(self) -> None:
+        if self._min_seen is not None and self._min_seen >= 0:
+            # A ReLU output: sign() turns all of it into +1 and the layer learns nothing from its input (and a
+            # BatchNorm after it amplifies the gradient by 1/spread). Binary nets binarize BN outputs instead.
+            warnings.warn("xnor: a binarized layer input is never negative (a ReLU output), so sign() makes it "
+                          "all +1; use a model with binary blocks (model.options.block=binary for the CIFAR "
+                          "ResNets)", stacklevel=2)
+        self._min_seen = None
+        super().finish_calibration()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "weight":

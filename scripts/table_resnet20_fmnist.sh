@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The ResNet-20 / Fashion-MNIST table of issue 12: float baselines, then QAT sweeps from the float checkpoint
+# under one recipe (configs/experiment/fmnist_resnet20_*.yaml) and the default layer policy, then qrun-report.
+#
+#   nohup scripts/table_resnet20_fmnist.sh > table.log 2>&1 &      # the full table (hours on a 2-core CPU)
+#   scripts/table_resnet20_fmnist.sh --smoke                         # every command on 256 images, 1 epoch
+#   scripts/table_resnet20_fmnist.sh --w3 device=cuda epochs=...     # W3A3 too; other words are qrun overrides
+#
+# Resumable: every run and sweep folder is stable (multirun/<root>/...), so re-running the same command skips
+# finished jobs and continues interrupted ones from their last checkpoint (auto_resume). The QAT jobs need the
+# float run finished first; the script runs the steps in order and stops at the first failure.
+# QRUN / QRUN_REPORT name the executables (default: qrun and qrun-report on PATH, e.g. an activated venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+QRUN=${QRUN:-qrun}
+QRUN_REPORT=${QRUN_REPORT:-qrun-report}
+
+ROOT=fmnist_resnet20          # multirun/$ROOT holds every job of the table (and nothing else)
+REPORT_DIR=docs/resnet20-fmnist
+BITS=4,2
+EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --smoke) ROOT=smoke_fmnist_resnet20; REPORT_DIR=multirun/smoke_fmnist_resnet20_report
+             EXTRA+=(dataset.train_samples=256 dataset.val_samples=128 epochs=1 calib_batches=2) ;;
+    --w3) BITS=4,3,2 ;;
+    *) EXTRA+=("$1") ;;
+  esac
+  shift
+done
+FLOAT=multirun/$ROOT/float
+# xnor needs binary blocks (BN -> sign -> conv -> ReLU), a different network: its own float run, kept outside
+# multirun/$ROOT so that the report's float baseline (the gap column) is the standard resnet20 alone.
+FLOAT_BINARY=multirun/${ROOT}_binary_float
+QAT=(+experiment=fmnist_resnet20_qat "init_from=$FLOAT")
+set -x
+
+# Step 1: the float baselines (8 epochs, SGD lr 0.1, cosine).
+$QRUN +experiment=fmnist_resnet20_float "hydra.run.dir=$FLOAT" progress=false "${EXTRA[@]}"
+$QRUN +experiment=fmnist_resnet20_float model.options.block=binary "hydra.run.dir=$FLOAT_BINARY" progress=false \
+  "${EXTRA[@]}"
+
+# Step 2: QAT from the float checkpoint (3 epochs, SGD lr 0.01, cosine), weights and activations quantized.
+$QRUN -m "sweep=$ROOT/qat" "${QAT[@]}" quant=uniform,lsq,dsq,pact,dorefa "bits=$BITS" progress=false "${EXTRA[@]}"
+$QRUN -m "sweep=$ROOT/qat" "${QAT[@]}" quant=twn bits=2 quantize_input=false progress=false "${EXTRA[@]}"
+$QRUN -m "sweep=$ROOT/qat" "${QAT[@]}" quant=affine bits=8 progress=false "${EXTRA[@]}"
+$QRUN -m "sweep=$ROOT/qat" +experiment=fmnist_resnet20_qat "init_from=$FLOAT_BINARY" model.options.block=binary \
+  quant=xnor bits=1 progress=false "${EXTRA[@]}"
+# W2A2 with knowledge distillation from the float run (LSQ section 3.6: T = 1, equal weights). A sweep of its
+# own: job folder names leave out the teacher's path, so in the qat sweep these would collide with the plain jobs.
+$QRUN -m "sweep=$ROOT/kd" "${QAT[@]}" quant=lsq,dsq bits=2 "distill.teacher=$FLOAT" distill.weight=0.5 \
+  distill.temperature=1 progress=false "${EXTRA[@]}"
+# Post-training quantization of the float checkpoint: affine W8A8 observers on calib_batches training batches.
+$QRUN -m "sweep=$ROOT/ptq" +experiment=fmnist_resnet20_qat mode=calibrate "resume=$FLOAT" quant=affine bits=8 \
+  progress=false "${EXTRA[@]}"
+
+# Step 3: the table and its plots, from the jobs' own results.json files.
+$QRUN_REPORT "multirun/$ROOT" --out "$REPORT_DIR"
