@@ -32,7 +32,7 @@ from qrun.errors import QrunError
 FREE_KEYS = frozenset({
     "resume", "progress", "workers", "device", "auto_resume", "sweep", "output_dir", "dataset.root",
     "threads", "compile", "channels_last", "eval_batch_size", "dataset.download", "dist_backend", "mode",
-    "deterministic", "checkpoint_every_steps", "calib_batches",
+    "deterministic", "checkpoint_every_steps", "calib_batches", "log_every_percent", "log_every_s",
 })
 FREE_PREFIXES = ("preempt", "hydra")
 # On resume, besides FREE_KEYS, only these may change (with the schedule rule of qrun.schedule).
@@ -164,14 +164,31 @@ def differences(stored: dict, requested: dict, ignore: Iterable[str] = ()) -> li
     return found
 
 
-def check_same_run(stored: dict, requested: DictConfig, folder: Path) -> None:
-    """auto_resume into a folder that already holds a run: it must be the same run (epochs may grow)."""
+def check_same_run(stored: dict, requested: DictConfig, folder: Path, explicit: set[str]) -> DictConfig:
+    """auto_resume into a folder that already holds a run: it must be the same run (epochs may grow).
+
+    An untyped key that the config derives by interpolation (multistep milestones follow `epochs`) keeps the
+    stored value: growing `epochs` must not move the schedule the run was started with.
+    """
     found = differences(stored, plain(requested), ignore=RESUME_MAY_CHANGE)
+    derived = [(key, old) for key, old, _ in found if key not in explicit and _interpolated(requested, key)]
+    if derived:
+        requested = copy.deepcopy(requested)
+        for key, old in derived:
+            OmegaConf.update(requested, key, old, merge=False)
+        found = [entry for entry in found if entry[0] not in dict(derived)]
     if found:
         listed = "; ".join(f"{shown(key)}: {old!r} there, {new!r} requested" for key, old, new in found)
         raise QrunError(f"{folder} already holds a run with other settings ({listed}); its results are not this "
                         f"config's: use another folder (hydra.run.dir=..., or another sweep=), or continue that "
                         f"run as it was with resume={folder}")
+    return requested
+
+
+def _interpolated(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, throw_on_missing=False) if parent else cfg
+    return OmegaConf.is_config(node) and leaf in node and OmegaConf.is_interpolation(node, leaf)
 
 
 def inherit(cfg: DictConfig, stored: dict, explicit: set[str], mode: str, source: Path) -> DictConfig:
@@ -250,8 +267,7 @@ def for_run(cfg: DictConfig, output_dir: Path, overrides: Optional[Iterable[str]
     if not isinstance(stored, dict):
         raise QrunError(f"checkpoint {source} has no stored config; pass a checkpoint written by qrun train")
     if not inherited:
-        check_same_run(stored, cfg, output_dir)
-        return cfg
+        return check_same_run(stored, cfg, output_dir, explicit_keys(cfg, overrides))
     return inherit(cfg, stored, explicit_keys(cfg, overrides), mode, source)
 
 

@@ -80,6 +80,18 @@ def test_a_folder_holding_another_run_is_refused_not_returned(lsq_run: Path) -> 
     assert same["quant"] == "lsq" and same["epoch"] == 1
 
 
+def test_more_epochs_in_the_same_folder_keep_the_milestones_the_run_started_with(tmp_path: Path) -> None:
+    # Multistep milestones default to 50%/75% of `epochs`: growing epochs must continue the run, not refuse it.
+    first = run_training([*TINY, "scheduler=multistep", "epochs=2"], tmp_path)
+    started = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["config"]["scheduler"]
+    longer = run_training([*TINY, "scheduler=multistep", "epochs=4"], tmp_path)
+    assert (first["epoch"], longer["epoch"]) == (2, 4)
+    stored = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["config"]["scheduler"]
+    assert stored["milestones"] == started["milestones"] == [1, 2]  # of the original 2 epochs; 4 would give [2, 3]
+    with pytest.raises(QrunError, match=r"scheduler.milestones: \[1, 2\] there, \[3, 4\] requested"):
+        run_training([*TINY, "scheduler=multistep", "scheduler.milestones=[3,4]", "epochs=5"], tmp_path)
+
+
 def test_runtime_keys_include_every_key_left_out_of_sweep_folder_names() -> None:
     config = OmegaConf.load(Path(trainer.__file__).parent.parent / "configs/config.yaml")
     # init_from and distill.teacher are paths: left out of folder names (their '/' would nest folders), though
