@@ -87,6 +87,11 @@ def to_levels(y: torch.Tensor, grid: IntegerGrid, dtype: torch.dtype) -> tuple[t
 def exact_compute(layer: "QuantizedLayer", xq: torch.Tensor, wq: torch.Tensor, bias: Optional[torch.Tensor],
                   dtype: torch.dtype) -> torch.Tensor:
     """The layer's conv/linear of its quantizers' float32 outputs xq, wq under autocast (module docstring)."""
+    foreign = [q for q in (layer.input_quantizer, layer.weight_quantizer) if q is not None
+               and not hasattr(q, "integer_grid")]
+    if foreign:  # a module from another library in a quantizer slot (bench_gpu's torch.ao peers): stock autocast
+        with saving_codes(xq):
+            return layer.compute(xq, wq, bias)
     a_grid = layer.input_quantizer.integer_grid(xq) if layer.input_quantizer is not None else None
     w_grid = layer.weight_quantizer.integer_grid(wq) if layer.weight_quantizer is not None else None
     integer_input = layer.input_quantizer is not None and exact_levels(a_grid, dtype)
