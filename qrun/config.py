@@ -372,22 +372,15 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_choices(cfg: DictConfig) -> None:
-    if cfg.get("amp_dtype", AMP_DTYPES[0]) not in AMP_DTYPES:
-        raise choice_error("amp_dtype", cfg.amp_dtype, AMP_DTYPES)
-    if cfg.get("dist_backend") is not None and cfg.dist_backend not in DIST_BACKENDS:
-        raise choice_error("dist_backend", cfg.dist_backend, DIST_BACKENDS)
-    if cfg.optimizer.name not in OPTIMIZERS:
-        raise choice_error("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    if cfg.scheduler.name not in SCHEDULERS:
-        raise choice_error("scheduler.name", cfg.scheduler.name, SCHEDULERS)
-    if cfg.quant.first_last not in FIRST_LAST_POLICIES:
-        raise choice_error("quant.first_last", cfg.quant.first_last, FIRST_LAST_POLICIES)
-    if cfg.model.name not in MODEL_OPTIONS:
-        raise choice_error("model", cfg.model.name, MODEL_OPTIONS)
-    if cfg.quant.name not in QUANT_OPTIONS:
-        raise choice_error("quantizer", cfg.quant.name, QUANT_OPTIONS)
-    if cfg.dataset.name not in DATASETS:
-        raise choice_error("dataset", cfg.dataset.name, DATASETS)
+    for key, label, accepted in (("amp_dtype", "amp_dtype", AMP_DTYPES), ("dist_backend", "dist_backend", DIST_BACKENDS),
+                                 ("optimizer.name", "optimizer.name", OPTIMIZERS),
+                                 ("scheduler.name", "scheduler.name", SCHEDULERS),
+                                 ("quant.first_last", "quant.first_last", FIRST_LAST_POLICIES),
+                                 ("model.name", "model", MODEL_OPTIONS), ("quant.name", "quantizer", QUANT_OPTIONS),
+                                 ("dataset.name", "dataset", DATASETS)):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in accepted:
+            raise choice_error(label, value, accepted)
 
 
 def _check_preempt(cfg: DictConfig) -> None:

@@ -117,8 +117,8 @@ class SimulatedKill(Exception):
     pass
 
 
-def test_resume_with_more_epochs_logs_and_uses_the_continued_lr(tmp_path: Path,
-                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def killed_after_first_checkpoint(overrides: list[str], folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run until the first epoch's checkpoint is written, then die as a kill would (nothing else written)."""
     save = trainer.save_checkpoints
 
     def save_then_die(state, context, metrics, is_best):
@@ -127,8 +127,13 @@ def test_resume_with_more_epochs_logs_and_uses_the_continued_lr(tmp_path: Path,
 
     monkeypatch.setattr(trainer, "save_checkpoints", save_then_die)
     with pytest.raises(SimulatedKill):
-        run_training([*TINY, "epochs=3"], tmp_path)
+        run_training(overrides, folder)
     monkeypatch.setattr(trainer, "save_checkpoints", save)
+
+
+def test_resume_with_more_epochs_logs_and_uses_the_continued_lr(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    killed_after_first_checkpoint([*TINY, "epochs=3"], tmp_path, monkeypatch)
     results = run_training([*TINY, "epochs=4"], tmp_path)  # auto_resume: only epochs changed
     lr = 0.002  # Adam's preset; 4 steps per epoch
     old = lr_factor(OmegaConf.create({"name": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.0}), 3, 4)
@@ -298,16 +303,7 @@ def test_rerunning_a_resume_command_continues_its_own_folder_not_the_source(tmp_
                                                                            caplog: pytest.LogCaptureFixture) -> None:
     run_training([*TINY, "epochs=1"], tmp_path / "source")
     command = [f"resume={tmp_path / 'source'}", "epochs=3"]
-    save = trainer.save_checkpoints
-
-    def save_then_die(state, context, metrics, is_best):
-        save(state, context, metrics, is_best)
-        raise SimulatedKill
-
-    monkeypatch.setattr(trainer, "save_checkpoints", save_then_die)
-    with pytest.raises(SimulatedKill):
-        run_training(command, tmp_path / "continued")  # epoch 2 saved in continued/, then killed
-    monkeypatch.setattr(trainer, "save_checkpoints", save)
+    killed_after_first_checkpoint(command, tmp_path / "continued", monkeypatch)  # epoch 2 saved, then killed
     killed = torch.load(tmp_path / "continued/checkpoints/last.pt", weights_only=True)
     with caplog.at_level("INFO", logger="qrun.trainer"):
         results = run_training(command, tmp_path / "continued")  # the same command again (a requeue)

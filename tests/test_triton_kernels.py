@@ -165,13 +165,17 @@ def test_dsq_projection_and_uniform_range_average_match_the_reference(dev: str) 
         with backend(which):
             alpha, lower, upper = (torch.tensor(v, device=dev) for v in (0.9, 0.5, 0.4))
             device.dsq_project(alpha, lower, upper, 1e-4, 0.5, 1e-6)
+            # Crossed bounds far from 0: the width relative to max(|l|, |u|) (1e-3 x 40) wins over 1e-6.
+            far_alpha, far_lower, far_upper = (torch.tensor(v, device=dev) for v in (0.2, -40.0, -40.5))
+            device.dsq_project(far_alpha, far_lower, far_upper, 1e-4, 0.5, 1e-6, 1e-3)
             rng = torch.tensor(2.0, device=dev)
             device.ema_update(rng, torch.tensor(3.0, device=dev), 0.1, 1e-8)
             device.ema_update(rng, torch.tensor(-1.0, device=dev), 0.1, 1e-8)
-            values[which] = torch.stack([alpha, lower, upper, rng])
+            values[which] = torch.stack([alpha, lower, upper, far_upper, rng])
     triton_values, reference = values.values()
     assert torch.equal(triton_values, reference)
     assert reference[0] == 0.5 and reference[2] > reference[1], "alpha clamped into (0, 0.5], u > l"
+    assert reference[3] == torch.tensor(-40.0) + torch.tensor(40.5) * 1e-3, "u = l + 1e-3 max(|l|, |u|)"
 
 
 # ------------------------------------------------------------------------------------------- step counts

@@ -53,7 +53,7 @@ KERNELS = [  # (kernel, signature, constexpr values, holds the exact-levels cont
                              "blocks": I32, "n": I32, "BLOCK": C, "RBLOCK": C}, {"BLOCK": 1024, "RBLOCK": 256}, False),
     ("_ema_kernel", {"range_ptr": ptr(), "batch_ptr": ptr("bf16"), "momentum": F32, "floor": F32}, {}, True),
     ("_dsq_project_kernel", {"alpha_ptr": ptr(), "lo_ptr": ptr(), "hi_ptr": ptr(), "alpha_min": F32,
-                             "alpha_max": F32, "min_width": F32}, {}, True),
+                             "alpha_max": F32, "min_width": F32, "rel_width": F32}, {}, True),
 ]
 
 

@@ -318,9 +318,8 @@ class DSQQuantizer(Quantizer):
         self.ensure_initialized(x)
         compact = self.kind == "act" and torch.is_grad_enabled()
         if kernels.device_path(x):  # l, u, alpha stay on the device, projection included
-            if self.training:
-                self._widen()
-                device.dsq_project(self.alpha, self.lower, self.upper, ALPHA_MIN, ALPHA_MAX, MIN_WIDTH)
+            if self.training:  # the relative widening is part of the one projection launch
+                device.dsq_project(self.alpha, self.lower, self.upper, ALPHA_MIN, ALPHA_MAX, MIN_WIDTH, MIN_REL_WIDTH)
             lower, upper = self._scaled_bounds(x)
             return device.dsq_quantize(x, lower, upper, self.alpha, self.levels, compact, self.grad_in_place)
         if self.training:

@@ -99,14 +99,16 @@ def ema_update(range_buffer: Tensor, batch: Tensor, momentum: float, floor: floa
 
 
 def dsq_project(alpha: Tensor, lower: Tensor, upper: Tensor, alpha_min: float, alpha_max: float,
-                min_width: float) -> None:
-    """DSQ's projection in place: alpha into [alpha_min, alpha_max], u >= l + min_width."""
+                min_width: float, rel_width: float = 0.0) -> None:
+    """DSQ's projection in place: alpha into [alpha_min, alpha_max], u >= l + max(min_width, rel_width max(|l|, |u|))
+    (one launch on the Triton path)."""
     if not _compiling() and kernels.triton_usable(alpha):
-        _triton().dsq_project(alpha, lower, upper, alpha_min, alpha_max, min_width)
+        _triton().dsq_project(alpha, lower, upper, alpha_min, alpha_max, min_width, rel_width)
         return
     with torch.no_grad():
         alpha.clamp_(alpha_min, alpha_max)
-        upper.copy_(torch.maximum(upper, lower + min_width))
+        width = torch.maximum(lower.abs(), upper.abs()).mul(rel_width).clamp_(min=min_width)
+        upper.copy_(torch.maximum(upper, lower + width))
 
 
 # ------------------------------------------------------------------------------------ eager: autograd Functions

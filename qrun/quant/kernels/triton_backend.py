@@ -163,8 +163,8 @@ def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, part_ptr, n, qmin, qmax
 
 
 @triton.jit
-def _grid_finish_kernel(part_ptr, blocks, aff_ptr, out_ptr, grad_scale, RULE: tl.constexpr,
-                        RBLOCK: tl.constexpr):
+def _sum_partials(part_ptr, blocks, RBLOCK: tl.constexpr):
+    """The two per-block partial sums of a backward kernel, reduced in a fixed order (deterministic, no atomics)."""
     acc0 = tl.zeros((RBLOCK,), dtype=tl.float32)
     acc1 = tl.zeros((RBLOCK,), dtype=tl.float32)
     for start in range(0, blocks, RBLOCK):
@@ -172,8 +172,13 @@ def _grid_finish_kernel(part_ptr, blocks, aff_ptr, out_ptr, grad_scale, RULE: tl
         mask = idx < blocks
         acc0 += tl.load(part_ptr + idx * 2, mask=mask, other=0.0)
         acc1 += tl.load(part_ptr + idx * 2 + 1, mask=mask, other=0.0)
-    s0 = tl.sum(acc0, axis=0)
-    s1 = tl.sum(acc1, axis=0)
+    return tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)
+
+
+@triton.jit
+def _grid_finish_kernel(part_ptr, blocks, aff_ptr, out_ptr, grad_scale, RULE: tl.constexpr,
+                        RBLOCK: tl.constexpr):
+    s0, s1 = _sum_partials(part_ptr, blocks, RBLOCK)
     if RULE == 1:
         out = (s0 - tl.math.div_rn(s1, tl.load(aff_ptr))) * grad_scale
     else:
@@ -285,15 +290,9 @@ def _dorefa_sums_kernel(g_ptr, t_ptr, peak_ptr, part_ptr, n, BLOCK: tl.constexpr
 def _dorefa_grad_kernel(g_ptr, t_ptr, gw_ptr, peak_ptr, part_ptr, blocks, n, BLOCK: tl.constexpr,
                         RBLOCK: tl.constexpr):
     """(1 - t^2) (g / peak - [|t| = peak] sgn(t) <g, t> / (peak^2 #peak)); every program reduces the partials."""
-    acc0 = tl.zeros((RBLOCK,), dtype=tl.float32)
-    acc1 = tl.zeros((RBLOCK,), dtype=tl.float32)
-    for start in range(0, blocks, RBLOCK):
-        idx = start + tl.arange(0, RBLOCK)
-        m = idx < blocks
-        acc0 += tl.load(part_ptr + idx * 2, mask=m, other=0.0)
-        acc1 += tl.load(part_ptr + idx * 2 + 1, mask=m, other=0.0)
+    s0, s1 = _sum_partials(part_ptr, blocks, RBLOCK)
     peak = tl.load(peak_ptr)
-    through_peak = tl.math.div_rn(tl.sum(acc0, axis=0), peak * peak * tl.sum(acc1, axis=0))
+    through_peak = tl.math.div_rn(s0, peak * peak * s1)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -312,12 +311,16 @@ def _ema_kernel(range_ptr, batch_ptr, momentum, floor):
 
 
 @triton.jit
-def _dsq_project_kernel(alpha_ptr, lo_ptr, hi_ptr, alpha_min, alpha_max, min_width):
-    """DSQ's projection after an optimizer step: alpha into [alpha_min, alpha_max], u >= l + min_width."""
+def _dsq_project_kernel(alpha_ptr, lo_ptr, hi_ptr, alpha_min, alpha_max, min_width, rel_width):
+    """DSQ's projection after an optimizer step: alpha into [alpha_min, alpha_max],
+    u >= l + max(min_width, rel_width max(|l|, |u|))."""
     a = tl.load(alpha_ptr)
     tl.store(alpha_ptr, tl.minimum(tl.maximum(a, alpha_min, propagate_nan=NAN), alpha_max, propagate_nan=NAN))
     lo = tl.load(lo_ptr)
-    tl.store(hi_ptr, tl.maximum(tl.load(hi_ptr), lo + min_width, propagate_nan=NAN))
+    hi = tl.load(hi_ptr)
+    width = tl.maximum(tl.maximum(tl.abs(lo), tl.abs(hi), propagate_nan=NAN) * rel_width, min_width,
+                       propagate_nan=NAN)
+    tl.store(hi_ptr, tl.maximum(hi, lo + width, propagate_nan=NAN))
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -400,5 +403,6 @@ def ema_update(range_buffer: torch.Tensor, batch: torch.Tensor, momentum: float,
 
 
 def dsq_project(alpha: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, alpha_min: float, alpha_max: float,
-                min_width: float) -> None:
-    _launch(_dsq_project_kernel, 1, alpha, lower, upper, float(alpha_min), float(alpha_max), float(min_width))
+                min_width: float, rel_width: float) -> None:
+    _launch(_dsq_project_kernel, 1, alpha, lower, upper, float(alpha_min), float(alpha_max), float(min_width),
+            float(rel_width))
