@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from qrun.errors import QrunError
+from qrun.quant import kernels
 from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 
 # torch.ao's observers clamp the scale to float32 epsilon; the same floor keeps the maths comparable.
@@ -41,7 +42,9 @@ def asymmetric_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int,
     """Scale and nudged zero point for the range [min_val, max_val] widened to contain 0 (Jacob et al. 2.1)."""
     min_neg = torch.clamp(min_val, max=0.0)
     max_pos = torch.clamp(max_val, min=0.0)
-    scale = torch.clamp((max_pos - min_neg) / float(qmax - qmin), min=SCALE_EPS)
+    # Divided by a tensor: CUDA divides by a Python number as a * (1/b), one ulp off a correctly rounded division
+    # (and off the Triton observer, which divides exactly).
+    scale = torch.clamp((max_pos - min_neg) / torch.full_like(max_pos, float(qmax - qmin)), min=SCALE_EPS)
     # Z = qmin - round(min / S), clamped: the integer that real 0 maps to, so 0 is exactly representable.
     zero_point = torch.clamp(qmin - torch.round(min_neg / scale), qmin, qmax).to(torch.int32)
     return scale, zero_point
@@ -51,7 +54,7 @@ def symmetric_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int,
                       qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale max|r| / ((qmax - qmin) / 2) and Z = 0: the int8 weight convention."""
     amax = torch.maximum(-torch.clamp(min_val, max=0.0), torch.clamp(max_val, min=0.0))
-    scale = torch.clamp(amax / ((qmax - qmin) / 2.0), min=SCALE_EPS)
+    scale = torch.clamp(amax / torch.full_like(amax, (qmax - qmin) / 2.0), min=SCALE_EPS)
     return scale, torch.zeros_like(scale, dtype=torch.int32)
 
 
@@ -124,6 +127,8 @@ class AffineQuantizer(Quantizer):
 
     # ------------------------------------------------------------------------------------------------ forward
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.triton_eager(x):
+            return self._quantize_on_device(x)
         if self.training and self.observer_enabled:
             self.observe(x)
         scale, zero_point = self.qparams()
@@ -132,6 +137,28 @@ class AffineQuantizer(Quantizer):
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale.to(x.dtype), zero_point, 0, self.qmin, self.qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale.to(x.dtype), zero_point, self.qmin, self.qmax)
+
+    def _quantize_on_device(self, x: torch.Tensor) -> torch.Tensor:
+        """The same observer and fake quantization as Triton passes: the range update, (S, Z) and the output read
+        the buffers on the device (2 to 3 launches forward, 1 backward, no host sync)."""
+        from qrun.quant.kernels import device
+
+        observe = self.training and self.observer_enabled
+        average = False
+        if observe:
+            if self.per_channel and self.min_val.shape != (x.shape[0],):
+                self.min_val = torch.empty(x.shape[0], device=x.device)  # the per-channel shape, set once
+                self.max_val = torch.empty(x.shape[0], device=x.device)
+            average = self.kind == "act" and self._observed()
+        elif not self._observed():
+            self.qparams()  # the one-line error: nothing observed yet
+        y = device.affine_quantize(x, self.min_val, self.max_val, observe, average, self.averaging_constant,
+                                   self.qmin, self.qmax, SCALE_EPS, self.kind == "weight", self.per_channel,
+                                   self.grad_in_place)
+        if observe and not self._ready:
+            self.initialized.fill_(True)
+            self._ready = True
+        return y
 
     def quantize_bias(self, bias: torch.Tensor, input_quantizer: Optional[Quantizer]) -> torch.Tensor:
         """The bias on the int32 grid of scale S_x S_w (Jacob et al. eq. 10-11), gradient straight through.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from qrun.quant import kernels
 from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import scalar
 
@@ -39,6 +40,10 @@ class TWNQuantizer(Quantizer):
     min_bits = max_bits = 2
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.triton_eager(x):  # Delta, alpha and the output in three launches, nothing read on the host
+            from qrun.quant.kernels import device
+
+            return device.ternary_weight(x, THRESHOLD_FACTOR)
         return ternarize(x)
 
     def integer_grid(self, y: torch.Tensor) -> IntegerGrid:

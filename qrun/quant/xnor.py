@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qrun.quant import kernels
 from qrun.quant.base import IntegerGrid, Quantizer, register_quantizer
 from qrun.quant.ste import sign_ste
 
@@ -68,6 +69,12 @@ class XNORQuantizer(Quantizer):
         super().finish_calibration()
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.triton_eager(x):  # one launch per direction (and alpha stays on the device)
+            from qrun.quant.kernels import device
+
+            if self.kind == "weight":
+                return device.xnor_weight(x)
+            return device.sign(x, compact=torch.is_grad_enabled(), grad_in_place=self.grad_in_place)
         if self.kind == "weight":
             return xnor_weight(x)
         # The compact save is a saved_tensors_hook, which torch.compile cannot trace: plain saving there.

@@ -28,7 +28,7 @@ from qrun.errors import QrunError
 from qrun.quant.kernels.cpu import ENV_SWITCH, PARALLEL_MIN, SOURCE, Sums, dense, library, threads, usable
 
 __all__ = ["BACKENDS", "ENV_SWITCH", "PARALLEL_MIN", "SOURCE", "Sums", "backend", "dense", "device_path",
-           "library", "set_backend", "threads", "triton_device", "triton_usable", "usable"]
+           "library", "set_backend", "threads", "triton_device", "triton_eager", "triton_usable", "usable"]
 
 BACKEND_ENV = "QRUN_BACKEND"
 BACKENDS = ("auto", "triton", "tensor")
@@ -102,3 +102,9 @@ def backend(x: torch.Tensor) -> str:
     if device_path(x):
         return "triton" if triton_usable(x) else "eager"
     return "cpu" if usable(x) is not None else "eager"
+
+
+def triton_eager(x: torch.Tensor) -> bool:
+    """xnor, twn and affine run their Triton passes on `x`: a device-path tensor the kernels take, outside
+    torch.compile, which traces those quantizers' eager maths instead (sync-free already, and fused by inductor)."""
+    return device_path(x) and not torch.compiler.is_compiling() and triton_usable(x)

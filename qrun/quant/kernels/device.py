@@ -21,8 +21,8 @@ from qrun.quant.ste import (
     GRID_LSQ, GRID_PACT, GRID_PLAIN, Codes, grid_reference_backward, grid_reference_forward, int8_shift, with_codes,
 )
 
-__all__ = ["GRID_LSQ", "GRID_PACT", "GRID_PLAIN", "decode", "dorefa_weight", "dsq_project", "dsq_quantize",
-           "ema_update", "grid_quantize"]
+__all__ = ["GRID_LSQ", "GRID_PACT", "GRID_PLAIN", "affine_quantize", "decode", "dorefa_weight", "dsq_project",
+           "dsq_quantize", "ema_update", "grid_quantize", "sign", "ternary_weight", "xnor_weight"]
 
 
 AFFINE = 4  # [scale, offset, clip low, clip high]: what a forward hands its backward and its codes' decode
@@ -314,3 +314,94 @@ def dorefa_weight(w: Tensor, levels: int) -> Tensor:
     if _compiling():
         return torch.ops.qrun.dorefa_weight(w, levels)[0]
     return _DoReFaWeightFunction.apply(w, levels)
+
+
+# ----------------------------------------------------------- xnor, twn, affine: Triton passes (eager mode only)
+# Their eager maths (xnor.py, twn.py, affine.py) is sync-free already and is what torch.compile traces and what
+# CUDA runs where Triton cannot; these Functions replace its chains of small kernels with one or a few launches.
+def _like(grad: Tensor, x: Tensor) -> Tensor:
+    """grad in x's memory layout (the kernels walk both in memory order); a copy only if they differ."""
+    return grad if kernels.triton_usable(x, grad) else torch.empty_like(x).copy_(grad)
+
+
+class _SignFunction(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, compact: bool, grad_in_place: bool):
+        y, codes, aff = _triton().sign_forward(x, compact)
+        ctx.save_for_backward(x)
+        ctx.grad_in_place = grad_in_place
+        return y, (None if codes is None else Codes(codes, 1.0, 0.0, x.dtype, 0, affine=aff))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _codes_grad: object):
+        (x,) = ctx.saved_tensors
+        like = _like(grad, x)
+        return _triton().sign_backward(like, x, ctx.grad_in_place or like is not grad), None, None
+
+
+class _XNORWeightFunction(Function):
+    @staticmethod
+    def forward(ctx, w: Tensor) -> Tensor:
+        y, alpha = _triton().xnor_weight_forward(w)
+        ctx.save_for_backward(w, alpha)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        w, alpha = ctx.saved_tensors
+        return _triton().xnor_weight_backward(_like(grad, w), w, alpha)
+
+
+class _TernaryFunction(Function):
+    @staticmethod
+    def forward(ctx, w: Tensor, threshold_factor: float) -> Tensor:
+        return _triton().ternary_forward(w, threshold_factor)[0]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None  # TWN section 3.3: the update goes straight to the float weights
+
+
+class _AffineFunction(Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, qp: Tensor, qmin: int, qmax: int, per_channel: bool, grad_in_place: bool):
+        ctx.save_for_backward(x, qp)
+        ctx.constants = (qmin, qmax, per_channel)
+        ctx.grad_in_place = grad_in_place
+        return _triton().affine_forward(x, qp, qmin, qmax, per_channel)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, qp = ctx.saved_tensors
+        like = _like(grad, x)
+        grad_x = _triton().affine_backward(like, x, qp, *ctx.constants, ctx.grad_in_place or like is not grad)
+        return grad_x, None, None, None, None, None
+
+
+def sign(x: Tensor, compact: bool = False, grad_in_place: bool = False) -> Tensor:
+    """XNOR-Net's binarized input: sign(x) (sign(0) = +1), the saturated straight-through gradient."""
+    return with_codes(*_SignFunction.apply(x, compact, grad_in_place))
+
+
+def xnor_weight(w: Tensor) -> Tensor:
+    """XNOR-Net's eq. 4 weights with eq. 7's gradient, alpha = mean|W| per output channel kept on the device."""
+    return _XNORWeightFunction.apply(w)
+
+
+def ternary_weight(w: Tensor, threshold_factor: float) -> Tensor:
+    """TWN's alpha {-1, 0, +1} (eq. 5-6) with Delta and alpha reduced on the device."""
+    return _TernaryFunction.apply(w, float(threshold_factor))
+
+
+def affine_quantize(x: Tensor, min_val: Tensor, max_val: Tensor, observe: bool, average: bool,
+                    averaging_constant: float, qmin: int, qmax: int, eps: float, symmetric: bool,
+                    per_channel: bool, grad_in_place: bool = False) -> Tensor:
+    """Affine fake quantization with its observer on the device: when `observe`, the range buffers are updated in
+    place from x (averaged into the stored range when `average`); then S (q - Z) with the cache-mask gradient."""
+    with torch.no_grad():
+        if observe:
+            qp = _triton().affine_observe(x.detach(), min_val, max_val, average, averaging_constant, qmin, qmax, eps,
+                                          symmetric, per_channel)
+        else:
+            qp = _triton().affine_qparams(min_val, max_val, qmin, qmax, eps, symmetric)
+    return _AffineFunction.apply(x, qp, qmin, qmax, per_channel, grad_in_place)

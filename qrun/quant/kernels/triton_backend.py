@@ -34,6 +34,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def _launch(kernel, programs: int, *args, **constexprs) -> None:
     global launches
     launches += 1
+    device = args[0].device
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        # Triton launches on the current device; a tensor on another GPU (a model moved to cuda:1 without
+        # set_device) would be read through the wrong context.
+        with torch.cuda.device(device):
+            kernel[(programs,)](*args, enable_fp_fusion=False, **constexprs)
+        return
     if _INTERPRET:
         # The interpreter emulates a launch with host copies of every tensor argument; those are not operations
         # of the CUDA path, so dispatch modes (the step-count test) must not see them.
@@ -323,6 +330,259 @@ def _dsq_project_kernel(alpha_ptr, lo_ptr, hi_ptr, alpha_min, alpha_max, min_wid
     tl.store(hi_ptr, tl.maximum(hi, lo + width, propagate_nan=NAN))
 
 
+# --------------------------------------------------------------------------------- xnor, twn, affine
+@triton.jit
+def _sign_forward_kernel(x_ptr, y_ptr, codes_ptr, aff_ptr, n, CODES: tl.constexpr, BLOCK: tl.constexpr):
+    """sign with sign(0) = +1 (a NaN becomes -1, as torch.where(x >= 0, 1, -1) has it), and its int8 codes."""
+    pid = tl.program_id(0)
+    if pid == 0:  # the codes' decode: level * 1 + 0
+        tl.store(aff_ptr, 1.0)
+        tl.store(aff_ptr + 1, 0.0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    y = tl.where(x >= 0.0, 1.0, -1.0)
+    _store(y_ptr + offs, y, mask)
+    if CODES:
+        tl.store(codes_ptr + offs, y.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _sign_backward_kernel(g_ptr, x_ptr, gx_ptr, n, BLOCK: tl.constexpr):
+    """The saturated straight-through gradient: zero for |x| > 1 (a NaN input passes it, as hardtanh_backward)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _store(gx_ptr + offs, tl.where((x < -1.0) | (x > 1.0), 0.0, g), mask)
+
+
+@triton.jit
+def _xnor_weight_forward_kernel(w_ptr, y_ptr, alpha_ptr, row, row_f, RBLOCK: tl.constexpr):
+    """One program per output channel: alpha = mean|W| over the channel, then W~ = +-alpha (sign(0) = +1)."""
+    base = tl.program_id(0).to(tl.int64) * row
+    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
+    for start in range(0, row, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        acc += tl.abs(tl.load(w_ptr + base + idx, mask=idx < row, other=0.0).to(tl.float32))
+    alpha = tl.math.div_rn(tl.sum(acc, axis=0), row_f)
+    tl.store(alpha_ptr + tl.program_id(0), alpha)
+    for start in range(0, row, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < row
+        w = tl.load(w_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        _store(y_ptr + base + idx, tl.where(w >= 0.0, alpha, -alpha), mask)
+
+
+@triton.jit
+def _xnor_weight_backward_kernel(g_ptr, w_ptr, gw_ptr, alpha_ptr, row, row_f, RBLOCK: tl.constexpr):
+    """XNOR-Net's eq. 7 per output channel: g alpha 1_{|W| <= 1} + sgn(W) / n sum_j g_j sign(W_j), where the
+    second term is the gradient through alpha = mean|W| (sgn(0) = 0 there, as abs's derivative)."""
+    base = tl.program_id(0).to(tl.int64) * row
+    alpha = tl.load(alpha_ptr + tl.program_id(0))
+    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
+    for start in range(0, row, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < row
+        g = tl.load(g_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(w >= 0.0, g, -g)
+    through_alpha = tl.math.div_rn(tl.sum(acc, axis=0), row_f)
+    for start in range(0, row, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < row
+        g = tl.load(g_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        straight = tl.where((w < -1.0) | (w > 1.0), 0.0, g * alpha)
+        sgn = tl.where(w > 0.0, 1.0, tl.where(w < 0.0, -1.0, 0.0))
+        _store(gw_ptr + base + idx, straight + sgn * through_alpha, mask)
+
+
+@triton.jit
+def _abs_sum_kernel(w_ptr, part_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    w = tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    tl.store(part_ptr + tl.program_id(0), tl.sum(tl.abs(w), axis=0))
+
+
+@triton.jit
+def _sum_one(part_ptr, blocks, RBLOCK: tl.constexpr):
+    """One per-block partial sum reduced in a fixed order (every program that calls it gets the same bits)."""
+    acc = tl.zeros((RBLOCK,), dtype=tl.float32)
+    for start in range(0, blocks, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        acc += tl.load(part_ptr + idx, mask=idx < blocks, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ternary_sums_kernel(w_ptr, abs_part_ptr, part_ptr, delta_ptr, n, n_f, blocks, threshold_factor,
+                         BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
+    """TWN's eq. 6 Delta = 0.7 E|W| (every program reduces the |W| partials), then the block's share of eq. 5:
+    sum of |W| above Delta and how many."""
+    pid = tl.program_id(0)
+    delta = threshold_factor * tl.math.div_rn(_sum_one(abs_part_ptr, blocks, RBLOCK), n_f)
+    if pid == 0:
+        tl.store(delta_ptr, delta)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.abs(tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
+    above = a > delta  # masked elements load 0, never above a Delta >= 0
+    tl.store(part_ptr + pid * 2, tl.sum(tl.where(above, a, 0.0), axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(above.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _ternary_kernel(w_ptr, y_ptr, part_ptr, delta_ptr, alpha_ptr, n, blocks, BLOCK: tl.constexpr,
+                    RBLOCK: tl.constexpr):
+    """alpha = sum_{|W| > Delta} |W| / #{|W| > Delta} (eq. 5), W~ = alpha {-1, 0, +1}."""
+    pid = tl.program_id(0)
+    total, count = _sum_partials(part_ptr, blocks, RBLOCK)
+    alpha = tl.math.div_rn(total, tl.maximum(count, 1.0))
+    delta = tl.load(delta_ptr)
+    if pid == 0:
+        tl.store(alpha_ptr, alpha)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    _store(y_ptr + offs, tl.where(w > delta, alpha, tl.where(w < -delta, -alpha, 0.0)), mask)
+
+
+@triton.jit
+def _min_max_kernel(x_ptr, part_ptr, n, BLOCK: tl.constexpr):
+    """The block's min and max; a NaN makes both NaN (torch.aminmax propagates it)."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    nan = tl.sum(((x != x) & mask).to(tl.int32), axis=0) > 0
+    lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
+    hi = tl.max(tl.where(mask, x, float("-inf")), axis=0)
+    tl.store(part_ptr + pid * 2, tl.where(nan, float("nan"), lo))
+    tl.store(part_ptr + pid * 2 + 1, tl.where(nan, float("nan"), hi))
+
+
+@triton.jit
+def _qparams(lo, hi, qmin, qmax, eps, SYMMETRIC: tl.constexpr):
+    """(scale, zero point) of the range [lo, hi] widened to contain 0: affine.asymmetric_qparams /
+    symmetric_qparams operation for operation (NaN-keeping clamps, correctly rounded divisions)."""
+    lo = tl.minimum(lo, 0.0, propagate_nan=NAN)
+    hi = tl.maximum(hi, 0.0, propagate_nan=NAN)
+    if SYMMETRIC:
+        amax = tl.maximum(-lo, hi, propagate_nan=NAN)
+        scale = tl.maximum(tl.math.div_rn(amax, (qmax - qmin) * 0.5), eps, propagate_nan=NAN)
+        zero_point = scale * 0.0
+    else:
+        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax - qmin), eps, propagate_nan=NAN)
+        zero_point = tl.minimum(tl.maximum(qmin - _round_half_even(tl.math.div_rn(lo, scale)), qmin,
+                                           propagate_nan=NAN), qmax, propagate_nan=NAN)
+    return scale, zero_point
+
+
+@triton.jit
+def _observer_kernel(part_ptr, blocks, min_ptr, max_ptr, qp_ptr, averaging_constant, qmin, qmax, eps,
+                     AVERAGE: tl.constexpr, SYMMETRIC: tl.constexpr, RBLOCK: tl.constexpr):
+    """The range of this tensor (min and max of the block partials), taken as is or averaged into the stored
+    one (Jacob et al. 3.1's EMA), and the (scale, zero point) of the result."""
+    lo = tl.full((RBLOCK,), float("inf"), dtype=tl.float32)
+    hi = tl.full((RBLOCK,), float("-inf"), dtype=tl.float32)
+    for start in range(0, blocks, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < blocks
+        lo = tl.minimum(lo, tl.load(part_ptr + idx * 2, mask=mask, other=float("inf")), propagate_nan=NAN)
+        hi = tl.maximum(hi, tl.load(part_ptr + idx * 2 + 1, mask=mask, other=float("-inf")), propagate_nan=NAN)
+    lo_nan = tl.sum((lo != lo).to(tl.int32), axis=0) > 0
+    hi_nan = tl.sum((hi != hi).to(tl.int32), axis=0) > 0
+    batch_lo = tl.where(lo_nan, float("nan"), tl.min(lo, axis=0))
+    batch_hi = tl.where(hi_nan, float("nan"), tl.max(hi, axis=0))
+    if AVERAGE:
+        current_lo = tl.load(min_ptr)
+        current_hi = tl.load(max_ptr)
+        batch_lo = current_lo + averaging_constant * (batch_lo - current_lo)
+        batch_hi = current_hi + averaging_constant * (batch_hi - current_hi)
+    tl.store(min_ptr, batch_lo)
+    tl.store(max_ptr, batch_hi)
+    scale, zero_point = _qparams(batch_lo, batch_hi, qmin, qmax, eps, SYMMETRIC)
+    tl.store(qp_ptr, scale)
+    tl.store(qp_ptr + 1, zero_point)
+
+
+@triton.jit
+def _channel_observer_kernel(w_ptr, min_ptr, max_ptr, qp_ptr, row, channels, qmin, qmax, eps,
+                             RBLOCK: tl.constexpr):
+    """Per output channel: the channel's range and its symmetric (scale, 0); qp holds [scales..., zero points...]."""
+    c = tl.program_id(0)
+    base = c.to(tl.int64) * row
+    lo = tl.full((RBLOCK,), float("inf"), dtype=tl.float32)
+    hi = tl.full((RBLOCK,), float("-inf"), dtype=tl.float32)
+    nan = tl.zeros((RBLOCK,), dtype=tl.int32)
+    for start in range(0, row, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < row
+        w = tl.load(w_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        nan += ((w != w) & mask).to(tl.int32)
+        lo = tl.minimum(lo, tl.where(mask, w, float("inf")))
+        hi = tl.maximum(hi, tl.where(mask, w, float("-inf")))
+    has_nan = tl.sum(nan, axis=0) > 0
+    lo_c = tl.where(has_nan, float("nan"), tl.min(lo, axis=0))
+    hi_c = tl.where(has_nan, float("nan"), tl.max(hi, axis=0))
+    tl.store(min_ptr + c, lo_c)
+    tl.store(max_ptr + c, hi_c)
+    scale, zero_point = _qparams(lo_c, hi_c, qmin, qmax, eps, True)
+    tl.store(qp_ptr + c, scale)
+    tl.store(qp_ptr + channels + c, zero_point)
+
+
+@triton.jit
+def _qparams_kernel(min_ptr, max_ptr, qp_ptr, channels, qmin, qmax, eps, SYMMETRIC: tl.constexpr,
+                    RBLOCK: tl.constexpr):
+    """(scale, zero point) of a stored range (a frozen observer, evaluation): one program for all channels."""
+    for start in range(0, channels, RBLOCK):
+        idx = start + tl.arange(0, RBLOCK)
+        mask = idx < channels
+        scale, zero_point = _qparams(tl.load(min_ptr + idx, mask=mask, other=0.0),
+                                     tl.load(max_ptr + idx, mask=mask, other=0.0), qmin, qmax, eps, SYMMETRIC)
+        tl.store(qp_ptr + idx, scale, mask=mask)
+        tl.store(qp_ptr + channels + idx, zero_point, mask=mask)
+
+
+@triton.jit
+def _affine_levels(x, offs, mask, qp_ptr, row, channels, PER_CHANNEL: tl.constexpr):
+    """(round(x / S) + Z, Z, S) as torch.fake_quantize_per_*_affine computes it: x times the correctly rounded
+    1 / S, rounded half to even; per channel, element i belongs to output channel i // row."""
+    if PER_CHANNEL:
+        channel = (offs // row).to(tl.int32)
+        scale = tl.load(qp_ptr + channel, mask=mask, other=1.0)
+        zero_point = tl.load(qp_ptr + channels + channel, mask=mask, other=0.0)
+    else:
+        scale = tl.load(qp_ptr)
+        zero_point = tl.load(qp_ptr + 1)
+    v = _round_half_even(x * tl.math.div_rn(1.0, scale)) + zero_point
+    return v, zero_point, scale
+
+
+@triton.jit
+def _affine_forward_kernel(x_ptr, y_ptr, qp_ptr, n, row, channels, qmin, qmax, PER_CHANNEL: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v, zero_point, scale = _affine_levels(x, offs, mask, qp_ptr, row, channels, PER_CHANNEL)
+    q = tl.minimum(tl.maximum(v, qmin, propagate_nan=NAN), qmax, propagate_nan=NAN)
+    _store(y_ptr + offs, (q - zero_point) * scale, mask)
+
+
+@triton.jit
+def _affine_backward_kernel(g_ptr, x_ptr, gx_ptr, qp_ptr, n, row, channels, qmin, qmax,
+                            PER_CHANNEL: tl.constexpr, BLOCK: tl.constexpr):
+    """The gradient where qmin <= round(x / S) + Z <= qmax, zero elsewhere (the fake-quantize cache mask)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v, _, _ = _affine_levels(x, offs, mask, qp_ptr, row, channels, PER_CHANNEL)
+    _store(gx_ptr + offs, tl.where((v >= qmin) & (v <= qmax), g, 0.0), mask)
+
+
 # ------------------------------------------------------------------------------------------------- launchers
 def levels_forward(x: torch.Tensor, src: torch.Tensor, hi: Optional[torch.Tensor], divisor: float, min_src: float,
                    qmin: int, qmax: int, code_shift: Optional[int], dsq: bool):
@@ -406,3 +666,104 @@ def dsq_project(alpha: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, a
                 min_width: float, rel_width: float) -> None:
     _launch(_dsq_project_kernel, 1, alpha, lower, upper, float(alpha_min), float(alpha_max), float(min_width),
             float(rel_width))
+
+
+def sign_forward(x: torch.Tensor, compact: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """(sign(x) with sign(0) = +1, int8 codes or None, the codes' affine [1, 0])."""
+    y = torch.empty_like(x)
+    codes = torch.empty_like(x, dtype=torch.int8) if compact else None
+    aff = torch.empty(4, dtype=torch.float32, device=x.device)
+    n = x.numel()
+    _launch(_sign_forward_kernel, _programs(n), x, y, codes if compact else y, aff, n, CODES=compact, BLOCK=BLOCK)
+    return y, codes, aff
+
+
+def sign_backward(grad: torch.Tensor, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    grad_x = grad if in_place else torch.empty_like(grad)
+    n = x.numel()
+    _launch(_sign_backward_kernel, _programs(n), grad, x, grad_x, n, BLOCK=BLOCK)
+    return grad_x
+
+
+def xnor_weight_forward(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(+-alpha per output channel, alpha as a float32 vector). Each output channel is one contiguous stretch of
+    memory in NCHW and in channels_last alike, which is all the per-channel kernels need."""
+    channels = w.shape[0]
+    y = torch.empty_like(w)
+    alpha = torch.empty(channels, dtype=torch.float32, device=w.device)
+    row = w.numel() // channels
+    _launch(_xnor_weight_forward_kernel, channels, w, y, alpha, row, float(row), RBLOCK=REDUCE_BLOCK)
+    return y, alpha
+
+
+def xnor_weight_backward(grad: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    channels = w.shape[0]
+    grad_w = torch.empty_like(w)
+    row = w.numel() // channels
+    _launch(_xnor_weight_backward_kernel, channels, grad, w, grad_w, alpha, row, float(row), RBLOCK=REDUCE_BLOCK)
+    return grad_w
+
+
+def ternary_forward(w: torch.Tensor, threshold_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha {-1, 0, +1}, [Delta, alpha]) of TWN for one layer: three launches, no host read."""
+    n = w.numel()
+    blocks = _programs(n)
+    abs_partials = torch.empty(blocks, dtype=torch.float32, device=w.device)
+    partials = torch.empty(2 * blocks, dtype=torch.float32, device=w.device)
+    delta_alpha = torch.empty(2, dtype=torch.float32, device=w.device)
+    y = torch.empty_like(w)
+    _launch(_abs_sum_kernel, blocks, w, abs_partials, n, BLOCK=BLOCK)
+    _launch(_ternary_sums_kernel, blocks, w, abs_partials, partials, delta_alpha, n, float(n), blocks,
+            float(threshold_factor), BLOCK=BLOCK, RBLOCK=256)
+    _launch(_ternary_kernel, blocks, w, y, partials, delta_alpha, delta_alpha[1:], n, blocks, BLOCK=BLOCK,
+            RBLOCK=256)
+    return y, delta_alpha
+
+
+def affine_observe(x: torch.Tensor, min_val: torch.Tensor, max_val: torch.Tensor, average: bool,
+                   averaging_constant: float, qmin: int, qmax: int, eps: float, symmetric: bool,
+                   per_channel: bool) -> torch.Tensor:
+    """Update the range buffers in place from x (per output channel, or per tensor, averaged when `average`) and
+    return their (scale, zero point) as [scales..., zero points...] in float32."""
+    if per_channel:
+        channels = x.shape[0]
+        qp = torch.empty(2 * channels, dtype=torch.float32, device=x.device)
+        _launch(_channel_observer_kernel, channels, x, min_val, max_val, qp, x.numel() // channels, channels,
+                float(qmin), float(qmax), float(eps), RBLOCK=REDUCE_BLOCK)
+        return qp
+    n = x.numel()
+    blocks = _programs(n)
+    partials = torch.empty(2 * blocks, dtype=torch.float32, device=x.device)
+    qp = torch.empty(2, dtype=torch.float32, device=x.device)
+    _launch(_min_max_kernel, blocks, x, partials, n, BLOCK=BLOCK)
+    _launch(_observer_kernel, 1, partials, blocks, min_val, max_val, qp, float(averaging_constant), float(qmin),
+            float(qmax), float(eps), AVERAGE=average, SYMMETRIC=symmetric, RBLOCK=REDUCE_BLOCK)
+    return qp
+
+
+def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax: int, eps: float,
+                   symmetric: bool) -> torch.Tensor:
+    channels = min_val.numel()
+    qp = torch.empty(2 * channels, dtype=torch.float32, device=min_val.device)
+    _launch(_qparams_kernel, 1, min_val, max_val, qp, channels, float(qmin), float(qmax), float(eps),
+            SYMMETRIC=symmetric, RBLOCK=REDUCE_BLOCK)
+    return qp
+
+
+def affine_forward(x: torch.Tensor, qp: torch.Tensor, qmin: int, qmax: int, per_channel: bool) -> torch.Tensor:
+    y = torch.empty_like(x)
+    n = x.numel()
+    channels = qp.numel() // 2
+    _launch(_affine_forward_kernel, _programs(n), x, y, qp, n, n // channels, channels, float(qmin), float(qmax),
+            PER_CHANNEL=per_channel, BLOCK=BLOCK)
+    return y
+
+
+def affine_backward(grad: torch.Tensor, x: torch.Tensor, qp: torch.Tensor, qmin: int, qmax: int, per_channel: bool,
+                    in_place: bool) -> torch.Tensor:
+    grad_x = grad if in_place else torch.empty_like(grad)
+    n = x.numel()
+    channels = qp.numel() // 2
+    _launch(_affine_backward_kernel, _programs(n), grad, x, grad_x, qp, n, n // channels, channels, float(qmin),
+            float(qmax), PER_CHANNEL=per_channel, BLOCK=BLOCK)
+    return grad_x
