@@ -271,6 +271,42 @@ def test_affine_first_observation_frozen_observer_and_evaluation_match_the_refer
         assert frozen_t[0].shape == (xs[0].shape[0],)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("name", [*QUANTIZERS, "xnor", "affine"])
+def test_under_autocast_a_bf16_activation_is_read_as_is_and_never_copied_to_float32(name: str, dev: str) -> None:
+    """Same output (float32) and gradients as quantizing x.float(); backward keeps x itself (the tensor the
+    previous layer already saved), not a float32 copy: half the activation memory a copy would add per layer."""
+    import copy
+
+    bits = 1 if name == "xnor" else 4
+    x = sample("act", name == "xnor", dev, True).to(torch.bfloat16)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dev)
+    with backend(triton_name(dev)):
+        reference_quantizer = build(name, bits, "act", x.float())
+        quantizer = copy.deepcopy(reference_quantizer)
+        wide = x.float().requires_grad_()
+        expected = reference_quantizer(wide)
+        expected.backward(g)
+        low = x.clone().requires_grad_()
+        saved = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            saved.append(t)
+            return t
+
+        with torch.autocast(dev, dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            got = quantizer(low)
+        got.backward(g)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    assert low.grad.dtype == torch.bfloat16 and torch.equal(low.grad, wide.grad.to(torch.bfloat16))
+    for (key, p), (_, p_ref) in zip(quantizer.named_parameters(), reference_quantizer.named_parameters()):
+        assert torch.allclose(p.grad, p_ref.grad, rtol=1e-6, atol=1e-9), key
+    for key, value in quantizer.state_dict().items():
+        assert torch.equal(value, reference_quantizer.state_dict()[key]), key
+    assert not [t for t in saved if t.dtype == torch.float32 and t.shape == x.shape], "no float32 copy saved"
+    assert any(t.untyped_storage().data_ptr() == low.untyped_storage().data_ptr() for t in saved)
+
+
 # ------------------------------------------------------------------------------------------- step counts
 class OpCounter(TorchDispatchMode):
     """Counts aten calls: all of them, the ones that launch work (allocations and views launch nothing), and

@@ -66,6 +66,7 @@ def ema_update(current: torch.Tensor, batch: torch.Tensor, averaging_constant: f
 @register_quantizer
 class AffineQuantizer(Quantizer):
     name = "affine"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
     min_bits = 2
     max_bits = 16
 

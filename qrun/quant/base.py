@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from qrun.errors import QrunError, choice_error
+from qrun.quant import kernels
 
 KINDS = ("weight", "act")
 
@@ -39,8 +40,9 @@ class Quantizer(nn.Module):
     max_bits: ClassVar[int] = 16
     # True when the quantizer also rescales the layer output (XNOR-Net's K): the layer then calls scale_output.
     scales_output: ClassVar[bool] = False
-    # True when `quantize` takes bf16/fp16 inputs itself and returns exactly quantize(x.float()), in float32 (a
-    # kernel that loads low precision and computes in float32): under autocast the input is then not copied.
+    # True when, on the Triton path, `quantize` reads bf16/fp16 inputs itself (computing in float32) and, under
+    # kernels.float32_results(), returns exactly quantize(x.float()) in float32: under autocast the input is then
+    # not copied, and backward keeps the low-precision tensor the previous layer already saved, not a float32 copy.
     takes_low_precision: ClassVar[bool] = False
     # Boolean buffers the forward branches on: read once on the host and cached (see `host_flag`).
     host_flags: ClassVar[tuple[str, ...]] = ()
@@ -62,7 +64,11 @@ class Quantizer(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             # AMP never changes the levels: quantize in float32 (the result the fp32 run gives this input).
             with torch.autocast(x.device.type, enabled=False):
-                return self._forward(x if self.takes_low_precision else x.float())
+                if self.takes_low_precision and self.kind == "act" and x.dtype != torch.float32 \
+                        and not self.calibrating and kernels.triton_eager(x):
+                    with kernels.float32_results():
+                        return self._forward(x)
+                return self._forward(x.float())
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,7 @@ class GradientQuantizer(nn.Module):
 @register_quantizer
 class DoReFaQuantizer(Quantizer):
     name = "dorefa"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
 
     def __init__(self, bits: int, kind: str, g_bits: int = FULL_PRECISION_GRADIENT) -> None:
         """g_bits: gradient bit width for the layer outputs' gradients; 32 turns gradient quantization off."""

@@ -273,6 +273,7 @@ def _dsq_chunk(g: torch.Tensor, x: torch.Tensor, codes: torch.Tensor, grad_x: to
 @register_quantizer
 class DSQQuantizer(Quantizer):
     name = "dsq"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
     min_bits, max_bits = 1, 16
 
     def __init__(self, bits: int, kind: str, alpha: float = ALPHA_INIT, grad_scale: bool = False) -> None:

@@ -61,6 +61,7 @@ def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, grad_sca
 @register_quantizer
 class LSQQuantizer(Quantizer):
     name = "lsq"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
     host_flags = ("signed",)
 
     def __init__(self, bits: int, kind: str) -> None:

@@ -69,6 +69,7 @@ def pact_quantize(x: torch.Tensor, alpha: torch.Tensor, bits: int, signed: bool 
 @register_quantizer
 class PACTQuantizer(Quantizer):
     name = "pact"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
     host_flags = ("signed",)
 
     def __init__(self, bits: int, kind: str, init_alpha: Optional[float] = None) -> None:

@@ -66,6 +66,7 @@ class RangeObserver:
 @register_quantizer
 class UniformQuantizer(Quantizer):
     name = "uniform"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
     host_flags = ("signed",)
 
     def __init__(self, bits: int, kind: str, momentum: float = 0.1) -> None:

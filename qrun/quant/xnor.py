@@ -40,6 +40,7 @@ def input_scale(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 @register_quantizer
 class XNORQuantizer(Quantizer):
     name = "xnor"
+    takes_low_precision = True  # the Triton passes read bf16/fp16 and compute in float32
     min_bits = max_bits = 1
 
     def __init__(self, bits: int, kind: str, k_scaling: bool = False) -> None:

@@ -19,8 +19,10 @@ the Triton kernels (needs TRITON_INTERPRET=1 set before triton is imported: how 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import lru_cache
+from typing import Iterator
 
 import torch
 
@@ -28,7 +30,8 @@ from qrun.errors import QrunError
 from qrun.quant.kernels.cpu import ENV_SWITCH, PARALLEL_MIN, SOURCE, Sums, dense, library, threads, usable
 
 __all__ = ["BACKENDS", "ENV_SWITCH", "PARALLEL_MIN", "SOURCE", "Sums", "backend", "dense", "device_path",
-           "library", "set_backend", "threads", "triton_device", "triton_eager", "triton_usable", "usable"]
+           "float32_results", "library", "result_dtype", "set_backend", "threads", "triton_device", "triton_eager",
+           "triton_usable", "usable"]
 
 BACKEND_ENV = "QRUN_BACKEND"
 BACKENDS = ("auto", "triton", "tensor")
@@ -108,3 +111,23 @@ def triton_eager(x: torch.Tensor) -> bool:
     """xnor, twn and affine run their Triton passes on `x`: a device-path tensor the kernels take, outside
     torch.compile, which traces those quantizers' eager maths instead (sync-free already, and fused by inductor)."""
     return device_path(x) and not torch.compiler.is_compiling() and triton_usable(x)
+
+
+_float32_results = False
+
+
+@contextlib.contextmanager
+def float32_results() -> Iterator[None]:
+    """Within: the Triton passes return float32 outputs for bf16/fp16 inputs (what quantize(x.float()) gives),
+    and input gradients in the input's dtype. Under autocast a quantizer then reads the low-precision activation
+    the previous layer already holds, instead of saving a float32 copy of it for backward."""
+    global _float32_results
+    previous, _float32_results = _float32_results, True
+    try:
+        yield
+    finally:
+        _float32_results = previous
+
+
+def result_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if _float32_results else x.dtype

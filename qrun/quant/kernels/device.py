@@ -54,7 +54,8 @@ def _grid_backward(grad: Tensor, x: Tensor, aff: Tensor, qmin: int, qmax: int, r
                    in_place: bool):
     if kernels.triton_usable(x, grad):
         return _triton().grid_backward(grad, x, aff, qmin, qmax, rule, grad_scale, in_place)
-    return grid_reference_backward(grad, x, aff, qmin, qmax, rule, grad_scale)
+    grad_x, grad_src = grid_reference_backward(grad, x, aff, qmin, qmax, rule, grad_scale)
+    return grad_x.to(x.dtype), grad_src
 
 
 def _dsq_backward(grad: Tensor, x: Tensor, lower: Tensor, upper: Tensor, alpha: Tensor, levels: int, in_place: bool):
@@ -62,7 +63,8 @@ def _dsq_backward(grad: Tensor, x: Tensor, lower: Tensor, upper: Tensor, alpha: 
         return _triton().dsq_backward(grad, x, lower, upper, alpha, levels, in_place)
     from qrun.quant.dsq import dsq_reference_backward
 
-    return dsq_reference_backward(grad, x, lower, upper, alpha, levels)
+    grad_x, *grads = dsq_reference_backward(grad, x, lower, upper, alpha, levels)
+    return grad_x.to(x.dtype), *grads
 
 
 def _dorefa_forward(w: Tensor, levels: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -122,7 +124,7 @@ class _GridFunction(Function):
         ctx.save_for_backward(x, aff)
         ctx.constants = (qmin, qmax, rule, grad_scale, grad_in_place)
         ctx.src_meta = (src.dtype, src.shape)
-        return y, (None if codes is None else Codes(codes, 1.0, 0.0, x.dtype, shift, affine=aff))
+        return y, (None if codes is None else Codes(codes, 1.0, 0.0, y.dtype, shift, affine=aff))
 
     @staticmethod
     def backward(ctx, grad: Tensor, _codes_grad: object):
@@ -143,7 +145,7 @@ class _DSQFunction(Function):
         y, codes, aff = _levels_forward(x, lower, upper, 1.0, -math.inf, 0, levels, shift, dsq=True)
         ctx.save_for_backward(x, lower, upper, alpha)
         ctx.constants = (levels, grad_in_place)
-        return y, (None if codes is None else Codes(codes, 1.0, 0.0, x.dtype, shift, affine=aff))
+        return y, (None if codes is None else Codes(codes, 1.0, 0.0, y.dtype, shift, affine=aff))
 
     @staticmethod
     def backward(ctx, grad: Tensor, _codes_grad: object):
@@ -330,7 +332,7 @@ class _SignFunction(Function):
         y, codes, aff = _triton().sign_forward(x, compact)
         ctx.save_for_backward(x)
         ctx.grad_in_place = grad_in_place
-        return y, (None if codes is None else Codes(codes, 1.0, 0.0, x.dtype, 0, affine=aff))
+        return y, (None if codes is None else Codes(codes, 1.0, 0.0, y.dtype, 0, affine=aff))
 
     @staticmethod
     def backward(ctx, grad: Tensor, _codes_grad: object):

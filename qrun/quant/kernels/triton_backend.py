@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch.utils._python_dispatch import _disable_current_modes
 
+from qrun.quant.kernels import result_dtype
+
 BLOCK = 1024
 REDUCE_BLOCK = 1024
 GRID_PLAIN, GRID_LSQ, GRID_PACT = 0, 1, 2
@@ -48,6 +50,12 @@ def _launch(kernel, programs: int, *args, **constexprs) -> None:
             kernel[(programs,)](*args, **constexprs)
     else:
         kernel[(programs,)](*args, enable_fp_fusion=False, **constexprs)
+
+
+def _input_gradient(grad: torch.Tensor, x: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """Where a backward writes the input gradient: over `grad` when allowed, else a new tensor in x's dtype (a
+    float32 gradient of a bf16 input's float32 result is stored rounded, as autograd's cast would)."""
+    return grad if in_place and grad.dtype == x.dtype else torch.empty_like(grad, dtype=x.dtype)
 
 
 def _programs(n: int) -> int:
@@ -587,7 +595,7 @@ def _affine_backward_kernel(g_ptr, x_ptr, gx_ptr, qp_ptr, n, row, channels, qmin
 def levels_forward(x: torch.Tensor, src: torch.Tensor, hi: Optional[torch.Tensor], divisor: float, min_src: float,
                    qmin: int, qmax: int, code_shift: Optional[int], dsq: bool):
     """(y, int8 codes or None, affine [scale, offset]): a grid (src = step source) or DSQ (src = l, hi = u)."""
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=result_dtype(x))
     codes = torch.empty_like(x, dtype=torch.int8) if code_shift is not None else None
     aff = torch.empty(4, dtype=torch.float32, device=x.device)
     n = x.numel()
@@ -608,7 +616,7 @@ def grid_backward(grad: torch.Tensor, x: torch.Tensor, aff: torch.Tensor, qmin: 
     """(grad_x, gradient of src or None)."""
     n = x.numel()
     blocks = _programs(n)
-    grad_x = grad if in_place else torch.empty_like(grad)
+    grad_x = _input_gradient(grad, x, in_place)
     partials = torch.empty(2 * blocks if rule else 1, dtype=torch.float32, device=x.device)
     _launch(_grid_backward_kernel, blocks, grad, x, grad_x, aff, partials, n, float(qmin), float(qmax),
             RULE=rule, SIGNED=qmin < 0, BLOCK=BLOCK)
@@ -625,7 +633,7 @@ def dsq_backward(grad: torch.Tensor, x: torch.Tensor, lower: torch.Tensor, upper
     """(grad_x, dL/dl, dL/du, dL/dalpha)."""
     n = x.numel()
     blocks = _programs(n)
-    grad_x = grad if in_place else torch.empty_like(grad)
+    grad_x = _input_gradient(grad, x, in_place)
     partials = torch.empty(6 * blocks, dtype=torch.float32, device=x.device)
     _launch(_dsq_backward_kernel, blocks, grad, x, grad_x, lower, upper, alpha, partials, n, float(levels),
             BLOCK=BLOCK)
@@ -670,7 +678,7 @@ def dsq_project(alpha: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, a
 
 def sign_forward(x: torch.Tensor, compact: bool) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """(sign(x) with sign(0) = +1, int8 codes or None, the codes' affine [1, 0])."""
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=result_dtype(x))
     codes = torch.empty_like(x, dtype=torch.int8) if compact else None
     aff = torch.empty(4, dtype=torch.float32, device=x.device)
     n = x.numel()
@@ -679,7 +687,7 @@ def sign_forward(x: torch.Tensor, compact: bool) -> tuple[torch.Tensor, Optional
 
 
 def sign_backward(grad: torch.Tensor, x: torch.Tensor, in_place: bool) -> torch.Tensor:
-    grad_x = grad if in_place else torch.empty_like(grad)
+    grad_x = _input_gradient(grad, x, in_place)
     n = x.numel()
     _launch(_sign_backward_kernel, _programs(n), grad, x, grad_x, n, BLOCK=BLOCK)
     return grad_x
@@ -751,7 +759,7 @@ def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, qmin: int, qmax
 
 
 def affine_forward(x: torch.Tensor, qp: torch.Tensor, qmin: int, qmax: int, per_channel: bool) -> torch.Tensor:
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=result_dtype(x))
     n = x.numel()
     channels = qp.numel() // 2
     _launch(_affine_forward_kernel, _programs(n), x, y, qp, n, n // channels, channels, float(qmin), float(qmax),
@@ -761,7 +769,7 @@ def affine_forward(x: torch.Tensor, qp: torch.Tensor, qmin: int, qmax: int, per_
 
 def affine_backward(grad: torch.Tensor, x: torch.Tensor, qp: torch.Tensor, qmin: int, qmax: int, per_channel: bool,
                     in_place: bool) -> torch.Tensor:
-    grad_x = grad if in_place else torch.empty_like(grad)
+    grad_x = _input_gradient(grad, x, in_place)
     n = x.numel()
     channels = qp.numel() // 2
     _launch(_affine_backward_kernel, _programs(n), grad, x, grad_x, qp, n, n // channels, channels, float(qmin),
