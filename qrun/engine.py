@@ -77,7 +77,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
                     epoch: int, progress: bool = True, scaler: Optional[torch.amp.GradScaler] = None,
                     channels_last: bool = False) -> dict[str, float]:
     model.train()
-    meter, data_time, start = Meter(), 0.0, time.perf_counter()
+    # A criterion that sums loss and top-1 itself (qrun.guard.StepTracker) is the meter: no second set of sums.
+    keeps_metrics = getattr(criterion, "keeps_metrics", False)
+    meter, data_time, start = criterion if keeps_metrics else Meter(), 0.0, time.perf_counter()
     # amp: the scaler is enabled for float16 autocast, a no-op for bfloat16 (which needs no loss scaling).
     amp_dtype = torch.float16 if scaler is not None and scaler.is_enabled() else torch.bfloat16
     autocast = torch.autocast(device.type, amp_dtype) if scaler is not None else nullcontext()
@@ -102,7 +104,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, optimizer: torch.opt
             loss.backward()
             optimizer.step()
         scheduler.step()
-        meter.update(loss, logits, targets, (1,))
+        if not keeps_metrics:
+            meter.update(loss, logits, targets, (1,))
         fetched = time.perf_counter()
         if not bar.disable and fetched - refreshed >= BAR_REFRESH_S:
             bar.set_postfix(loss=f"{meter.loss():.3f}", top1=f"{meter.accuracy(1):.2f}",

@@ -31,7 +31,11 @@ class Diverged(QrunError):
 
 
 class StepTracker(nn.Module):
-    """The criterion, plus per-epoch device sums: loss, top-1 hits, samples, first non-finite step, AMP skips."""
+    """The criterion, plus per-epoch device sums: loss, top-1 hits, samples, first non-finite step, AMP skips.
+
+    It is also the training loop's meter (`keeps_metrics`): the bar and progress lines read these sums."""
+
+    keeps_metrics = True
 
     def __init__(self, criterion: nn.Module, amp: bool = False) -> None:
         super().__init__()
@@ -106,6 +110,15 @@ class StepTracker(nn.Module):
         loss_sum, hits = (float(v) for v in self.sums.cpu())
         samples = max(1, self.samples)
         return {"loss": loss_sum / samples, "top1": 100.0 * hits / samples, "samples": self.samples}
+
+    def loss(self) -> float:
+        """The epoch's mean loss so far, as engine.Meter gives it (a host read: for bars and progress lines)."""
+        return self.metrics()["loss"]
+
+    def accuracy(self, k: int) -> float:
+        if k != 1:
+            raise ValueError(f"StepTracker sums top-1 hits only, not top-{k}")
+        return self.metrics()["top1"]
 
     def state(self) -> dict[str, Any]:
         return {"step": self.step, "samples": self.samples, "sums": self.sums.cpu()}

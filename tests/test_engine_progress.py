@@ -54,6 +54,36 @@ def test_steps_read_no_scalar_only_the_epoch_end_does(train: bool, monkeypatch: 
     assert short == long == (2 if train else 3)
 
 
+class OpCounts(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_step_tracker_is_the_loops_meter_so_metrics_are_summed_once() -> None:
+    """With qrun.guard.StepTracker as the criterion (as the trainer runs it), the loop keeps no second set of
+    sums: no top-k per step, and the epoch's numbers are the tracker's."""
+    from qrun.guard import StepTracker
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+    batches = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    tracker = StepTracker(nn.CrossEntropyLoss())
+    with OpCounts() as counts:
+        metrics = train_one_epoch(model, tracker, optimizer, scheduler, batches, torch.device("cpu"), 1,
+                                  progress=False)
+    assert "aten.topk" not in counts.ops and counts.ops["aten.argmax"] == 3
+    own = tracker.metrics()
+    assert own["samples"] == 24 and metrics["loss"] == own["loss"] > 0 and metrics["top1"] == own["top1"]
+
+
 def test_progress_lines_every_n_percent_and_at_most_every_m_seconds(monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
