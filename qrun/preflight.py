@@ -98,8 +98,9 @@ def check_job(cfg: DictConfig, sweep: Optional[list[str]] = None, where: str = "
         check_hydra(cfg, sweep)
         typed_options = explicit_model_options(cfg)
         if job.get("resume"):
-            check_checkpoint("resume", job.resume, job, "train" if mode_name(job) == "train" else "weights",
-                             typed_options)
+            path, payload = check_checkpoint("resume", job.resume, job,
+                                             "train" if mode_name(job) == "train" else "weights", typed_options)
+            check_resume_overrides(cfg, job, path, payload)
         if job.get("init_from"):
             check_checkpoint("init_from", job.init_from, job, "weights", typed_options)
     except QrunError as error:
@@ -136,8 +137,10 @@ def check_swept_keys(cfg: DictConfig, sweep: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str, typed_options: bool = False) -> None:
-    """A checkpoint that cannot serve `use` is refused here in one line, before the model and data are built."""
+def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str,
+                     typed_options: bool = False) -> tuple[Path, dict]:
+    """A checkpoint that cannot serve `use` is refused here in one line, before the model and data are built;
+    returns its path and contents (memory-mapped)."""
     import torch
 
     from qrun import checkpoint
@@ -168,6 +171,20 @@ def check_checkpoint(key: str, value: str, cfg: DictConfig, use: str, typed_opti
         raise QrunError(f"{key}: checkpoint {path} lacks {', '.join(map(repr, missing))} (a partial or hand-made "
                         "file); pass a checkpoint that qrun wrote")
     _check_same_network(key, path, payload, cfg, typed_options)
+    return path, payload
+
+
+def check_resume_overrides(cfg: DictConfig, job: DictConfig, path: Path, payload: dict) -> None:
+    """The override rules of a resume (qrun.runconfig) against the checkpoint's stored config, here rather than
+    in the job: a contradiction is then refused before torch builds the model or reads the data."""
+    from qrun import runconfig
+
+    mode = mode_name(job)
+    stored = payload.get("config")
+    if mode not in ("train", "evaluate", "export") or not isinstance(stored, dict):
+        return  # calibrate starts from the weights only; a config-less checkpoint is the trainer's to refuse
+    explicit = runconfig.explicit_keys(job, list(cfg.hydra.overrides.task))
+    runconfig.refuse_contradictions(stored, runconfig.plain(job), explicit, mode, path)
 
 
 def _check_same_network(key: str, path: Path, payload: dict, cfg: DictConfig, typed_options: bool) -> None:

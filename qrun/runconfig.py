@@ -194,7 +194,7 @@ def _interpolated(cfg: DictConfig, key: str) -> bool:
 def inherit(cfg: DictConfig, stored: dict, explicit: set[str], mode: str, source: Path) -> DictConfig:
     """The run's config from its checkpoint, with the typed keys that are allowed to change applied."""
     requested = plain(cfg)
-    _refuse_contradictions(stored, requested, explicit, mode, source)
+    refuse_contradictions(stored, requested, explicit, mode, source)
     merged = copy.deepcopy(requested)
     for unit in _units(requested):
         value = _select(stored, unit)
@@ -229,7 +229,9 @@ def _units(tree: dict) -> list[str]:
     return units
 
 
-def _refuse_contradictions(stored: dict, requested: dict, explicit: set[str], mode: str, source: Path) -> None:
+def refuse_contradictions(stored: dict, requested: dict, explicit: set[str], mode: str, source: Path) -> None:
+    """A typed key that the checkpoint's config overrules (its architecture; in training, anything but epochs and
+    free keys) is one error naming it; qrun.preflight runs this before torch builds anything."""
     conflicts = []
     for key in sorted(explicit):
         old, new = _select(stored, key), _select(requested, key)

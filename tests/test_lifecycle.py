@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -69,6 +70,24 @@ def test_resume_refuses_a_change_that_alters_the_result(lsq_run: Path, tmp_path:
                                                         key: str) -> None:
     with pytest.raises(QrunError, match=f"{key}; a resumed run keeps the config it was started with"):
         run_training([f"resume={lsq_run}", "epochs=2", override], tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["mode=evaluate", "bits=4"], "(bits: checkpoint has 3, config has 4); the architecture comes from the checkpoint"),
+    (["mode=evaluate", "quant=dsq"], "quant: checkpoint has 'lsq', config has 'dsq'"),
+    (["epochs=2", "optimizer.lr=0.5"], "optimizer.lr: checkpoint has 0.002, config has 0.5; a resumed run keeps"),
+    (["epochs=2", "seed=5"], "seed: checkpoint has 0, config has 5; a resumed run keeps"),
+])
+def test_the_command_line_check_refuses_the_same_contradictions_before_any_job(lsq_run: Path, tmp_path: Path,
+                                                                               args: list[str], message: str) -> None:
+    """qrun.preflight applies the resume rules to the checkpoint it opens anyway, before Hydra starts the job
+    (no model, no data, no folder); the trainer keeps the same check for in-process callers."""
+    from qrun.preflight import preflight
+
+    with pytest.raises(QrunError, match=re.escape(message)):
+        preflight([f"resume={lsq_run}", *args, f"hydra.run.dir={tmp_path / 'job'}"])
+    assert not (tmp_path / "job").exists()
+    preflight([f"resume={lsq_run}", "epochs=2", "device=cpu", f"hydra.run.dir={tmp_path / 'job'}"])  # allowed
 
 
 def test_a_folder_holding_another_run_is_refused_not_returned(lsq_run: Path) -> None:
