@@ -236,6 +236,9 @@ def test_xnor_twn_affine_take_reduced_precision_in_float32(case, dtype: torch.dt
     low = run_once(name, bits, kind, x.to(dtype), triton_name(dev), **options)
     wide = run_once(name, bits, kind, x.to(dtype).float(), triton_name(dev), **options)
     assert low[0].dtype == dtype and torch.equal(low[0], wide[0].to(dtype))
+    assert low[3].dtype == dtype
+    if f"{name}-{kind}" != "xnor-weight":  # its gradient sums g, which run_once draws in y's dtype: not comparable
+        assert torch.equal(low[3], wide[3].to(dtype)), "the input gradient, rounded once"
     for key in low[5]:
         assert torch.equal(low[5][key], wide[5][key]), key
     if name == "xnor" and kind == "act":
@@ -269,6 +272,94 @@ def test_affine_first_observation_frozen_observer_and_evaluation_match_the_refer
     assert torch.equal(frozen_t[0], final_t[0]), "neither a frozen observer nor evaluation moves the range"
     if per_channel:
         assert frozen_t[0].shape == (xs[0].shape[0],)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_xnor_twn_affine_reductions_that_loop_over_many_blocks_and_long_channels(dev: str, monkeypatch) -> None:
+    """Small blocks, so every reduction loop (per-block partials, per-channel rows, the observer's and TWN's
+    re-reductions) runs several times; the cases above fit in one pass of each."""
+    from qrun.quant.kernels import triton_backend
+
+    monkeypatch.setattr(triton_backend, "BLOCK", 64)
+    monkeypatch.setattr(triton_backend, "REDUCE_BLOCK", 32)
+    monkeypatch.setattr(triton_backend, "PARTIAL_BLOCK", 8)
+    generator = torch.Generator().manual_seed(11)
+    weight = (torch.randn(3, 40, 3, 3, generator=generator) * 0.4).to(dev)  # rows of 360, 17 blocks
+    act = (torch.randn(4, 8, 9, 9, generator=generator) * 1.5).to(dev)  # 41 blocks
+    for name, bits, kind, x, options in [("xnor", 1, "weight", weight, {}), ("twn", 2, "weight", weight, {}),
+                                         ("affine", 8, "weight", weight, {"per_channel": True}),
+                                         ("affine", 4, "act", act, {})]:
+        assert_same_other(run_once(name, bits, kind, x, triton_name(dev), **options),
+                          run_once(name, bits, kind, x, "tensor", **options), f"{name}-{kind}")
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_boundary_values_sign_saturation_zeros_and_affine_ties(dev: str) -> None:
+    """|x| = 1 still passes the saturated gradient, sign(+-0) = +1 (and sgn(0) = 0 in XNOR-Net's alpha term),
+    and an affine x / S exactly at k + 1/2 rounds to the even level, as torch's fake quantization does."""
+    edges = torch.tensor([-1.0, 1.0, 0.0, -0.0, -1.0000001, 1.0000001, 0.5, -0.5], device=dev)
+    weight = torch.stack([edges, edges.flip(0), torch.zeros(8, device=dev)]).reshape(3, 2, 2, 2)
+    ties = ((torch.arange(-20, 260, dtype=torch.float32) + 0.5) / 16).to(dev)  # S = 1/16: every x / S is k + 1/2
+    results = {}
+    for which in (triton_name(dev), "tensor"):
+        with backend(which):
+            binary = build_quantizer("xnor", 1, "act").to(dev).train()
+            binary.finish_calibration()
+            xg = edges.clone().requires_grad_()
+            signs = binary(xg)
+            signs.backward(torch.arange(1.0, 9.0, device=dev))
+            binary_w = build_quantizer("xnor", 1, "weight").to(dev).train()
+            wg = weight.clone().requires_grad_()
+            w_out = binary_w(wg)
+            w_out.backward(torch.linspace(-1, 1, 24, device=dev).reshape(weight.shape))
+            affine = build_quantizer("affine", 8, "act").to(dev)
+            affine.min_val.fill_(0.0)
+            affine.max_val.fill_(255 / 16)
+            affine.finish_calibration()
+            tg = ties.clone().requires_grad_()
+            affine.train().observer_enabled = False
+            tied = affine(tg)
+            tied.backward(torch.ones_like(tied))
+            results[which] = (signs.detach(), xg.grad, w_out.detach(), wg.grad, tied.detach(), tg.grad)
+    for index, (got, expected) in enumerate(zip(*results.values())):
+        # XNOR-Net's weight side sums per channel (alpha, the gradient through it): float rounding apart.
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-7) if index in (2, 3) else torch.equal(got, expected)
+    assert torch.equal(torch.sign(results["tensor"][2]), torch.sign(results[triton_name(dev)][2]))
+    signs, sign_grad, _, _, tied, tie_grad = results["tensor"]
+    assert signs.tolist() == [-1.0, 1.0, 1.0, 1.0, -1.0, 1.0, 1.0, -1.0]
+    assert sign_grad.tolist() == [1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 7.0, 8.0]
+    levels = torch.round(ties * 16)  # half to even
+    assert torch.equal(tied, levels.clamp(0, 255) / 16) and tie_grad.sum() == 256
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_non_finite_weights_and_gradients_stay_visible_as_in_the_reference(dev: str) -> None:
+    """A NaN or inf weight makes TWN's layer NaN, as eq. 5's product does (not silently zero); a NaN weight
+    reaches XNOR-Net's output; an inf gradient on an element affine clipped becomes NaN there, as torch's
+    mask product."""
+    results = {}
+    for which in (triton_name(dev), "tensor"):
+        with backend(which):
+            outs = []
+            for bad in (float("nan"), float("inf")):
+                w = sample("weight", True, dev, False).clone()
+                w.view(-1)[5] = bad
+                outs.append(build_quantizer("twn", 2, "weight").to(dev)(w).detach())
+                outs.append(build_quantizer("xnor", 1, "weight").to(dev)(w).detach())
+            affine = build_quantizer("affine", 4, "act").to(dev).train()
+            affine(torch.tensor([0.0, 1.0], device=dev))  # the range [0, 1], then frozen: 20 and -3 are clipped
+            affine.observer_enabled = False
+            x = torch.tensor([0.5, 20.0, 1.0, -3.0], device=dev).requires_grad_()
+            y = affine(x)
+            y.backward(torch.tensor([1.0, float("inf"), -1.0, float("inf")], device=dev))
+            outs.append(x.grad)
+            results[which] = outs
+    for got, expected in zip(*results.values()):  # (XNOR-Net's alpha sums in another order: float rounding)
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.allclose(got.nan_to_num(), expected.nan_to_num(), rtol=1e-6, atol=0)
+    assert results["tensor"][0].isnan().all() and results["tensor"][2].isnan().all(), "TWN: the whole layer"
+    assert results["tensor"][1].isnan().any() and not results["tensor"][1].isnan().all(), "xnor: that channel"
+    assert results["tensor"][4].isnan().tolist() == [False, True, False, True]
 
 
 @pytest.mark.parametrize("dev", DEVICES)

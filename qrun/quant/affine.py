@@ -128,7 +128,7 @@ class AffineQuantizer(Quantizer):
 
     # ------------------------------------------------------------------------------------------------ forward
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.triton_eager(x):
+        if kernels.triton_eager(x) and self.min_val.dtype == torch.float32:  # (a .bfloat16() model: eager)
             return self._quantize_on_device(x)
         if self.training and self.observer_enabled:
             self.observe(x)
@@ -148,8 +148,9 @@ class AffineQuantizer(Quantizer):
         average = False
         if observe:
             if self.per_channel and self.min_val.shape != (x.shape[0],):
-                self.min_val = torch.empty(x.shape[0], device=x.device)  # the per-channel shape, set once
-                self.max_val = torch.empty(x.shape[0], device=x.device)
+                # The per-channel shape, set once.
+                self.min_val = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+                self.max_val = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
             average = self.kind == "act" and self._observed()
         elif not self._observed():
             self.qparams()  # the one-line error: nothing observed yet

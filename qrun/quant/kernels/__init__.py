@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from functools import lru_cache
 from typing import Iterator
 
@@ -113,7 +114,7 @@ def triton_eager(x: torch.Tensor) -> bool:
     return device_path(x) and not torch.compiler.is_compiling() and triton_usable(x)
 
 
-_float32_results = False
+_results = threading.local()  # per thread, as autocast's own state (nn.DataParallel runs replicas in threads)
 
 
 @contextlib.contextmanager
@@ -121,13 +122,13 @@ def float32_results() -> Iterator[None]:
     """Within: the Triton passes return float32 outputs for bf16/fp16 inputs (what quantize(x.float()) gives),
     and input gradients in the input's dtype. Under autocast a quantizer then reads the low-precision activation
     the previous layer already holds, instead of saving a float32 copy of it for backward."""
-    global _float32_results
-    previous, _float32_results = _float32_results, True
+    previous = getattr(_results, "float32", False)
+    _results.float32 = True
     try:
         yield
     finally:
-        _float32_results = previous
+        _results.float32 = previous
 
 
 def result_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if _float32_results else x.dtype
+    return torch.float32 if getattr(_results, "float32", False) else x.dtype

@@ -25,6 +25,10 @@ from qrun.quant.kernels import result_dtype
 
 BLOCK = 1024
 REDUCE_BLOCK = 1024
+# Lanes with which every program of a launch re-reduces the previous launch's per-block partials (TWN's Delta
+# and alpha, DoReFa's gradient sums): each program reads all of them, blocks^2 loads in all, which for the
+# layers of these networks (at most ~2,300 blocks, resnet18's 2.4M-weight convs) stays within L2.
+PARTIAL_BLOCK = 256
 GRID_PLAIN, GRID_LSQ, GRID_PACT = 0, 1, 2
 # Clamps keep a NaN, as torch.clamp does (Triton's default drops it: a diverging value would become a level).
 NAN = tl.constexpr(tl.PropagateNan.ALL)
@@ -343,9 +347,11 @@ def _dsq_project_kernel(alpha_ptr, lo_ptr, hi_ptr, alpha_min, alpha_max, min_wid
 def _sign_forward_kernel(x_ptr, y_ptr, codes_ptr, aff_ptr, n, CODES: tl.constexpr, BLOCK: tl.constexpr):
     """sign with sign(0) = +1 (a NaN becomes -1, as torch.where(x >= 0, 1, -1) has it), and its int8 codes."""
     pid = tl.program_id(0)
-    if pid == 0:  # the codes' decode: level * 1 + 0
+    if pid == 0:  # the codes' decode: level * 1 + 0 (and the clip range [-1, 1] of the saturated gradient)
         tl.store(aff_ptr, 1.0)
         tl.store(aff_ptr + 1, 0.0)
+        tl.store(aff_ptr + 2, -1.0)
+        tl.store(aff_ptr + 3, 1.0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -434,9 +440,10 @@ def _ternary_sums_kernel(w_ptr, abs_part_ptr, part_ptr, delta_ptr, n, n_f, block
         tl.store(delta_ptr, delta)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     a = tl.abs(tl.load(w_ptr + offs, mask=offs < n, other=0.0).to(tl.float32))
-    above = a > delta  # masked elements load 0, never above a Delta >= 0
-    tl.store(part_ptr + pid * 2, tl.sum(tl.where(above, a, 0.0), axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(above.to(tl.float32), axis=0))
+    above = (a > delta).to(tl.float32)  # masked elements load 0, never above a Delta >= 0
+    # A product, not a select, as eq. 5's reference: a NaN or inf weight makes alpha (and the layer) NaN.
+    tl.store(part_ptr + pid * 2, tl.sum(a * above, axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(above, axis=0))
 
 
 @triton.jit
@@ -452,7 +459,7 @@ def _ternary_kernel(w_ptr, y_ptr, part_ptr, delta_ptr, alpha_ptr, n, blocks, BLO
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _store(y_ptr + offs, tl.where(w > delta, alpha, tl.where(w < -delta, -alpha, 0.0)), mask)
+    _store(y_ptr + offs, alpha * ((w > delta).to(tl.float32) - (w < -delta).to(tl.float32)), mask)
 
 
 @triton.jit
@@ -588,7 +595,8 @@ def _affine_backward_kernel(g_ptr, x_ptr, gx_ptr, qp_ptr, n, row, channels, qmin
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v, _, _ = _affine_levels(x, offs, mask, qp_ptr, row, channels, PER_CHANNEL)
-    _store(gx_ptr + offs, tl.where((v >= qmin) & (v <= qmax), g, 0.0), mask)
+    # g times the mask, as torch's backward: a non-finite gradient on a clipped element stays NaN there.
+    _store(gx_ptr + offs, g * ((v >= qmin) & (v <= qmax)).to(tl.float32), mask)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
@@ -662,7 +670,8 @@ def dorefa_weight_backward(grad: torch.Tensor, t: torch.Tensor, peak: torch.Tens
     partials = torch.empty(2 * blocks, dtype=torch.float32, device=t.device)
     grad_w = torch.empty_like(t)
     _launch(_dorefa_sums_kernel, blocks, grad, t, peak, partials, n, BLOCK=BLOCK)
-    _launch(_dorefa_grad_kernel, blocks, grad, t, grad_w, peak, partials, blocks, n, BLOCK=BLOCK, RBLOCK=256)
+    _launch(_dorefa_grad_kernel, blocks, grad, t, grad_w, peak, partials, blocks, n, BLOCK=BLOCK,
+            RBLOCK=PARTIAL_BLOCK)
     return grad_w
 
 
@@ -722,9 +731,9 @@ def ternary_forward(w: torch.Tensor, threshold_factor: float) -> tuple[torch.Ten
     y = torch.empty_like(w)
     _launch(_abs_sum_kernel, blocks, w, abs_partials, n, BLOCK=BLOCK)
     _launch(_ternary_sums_kernel, blocks, w, abs_partials, partials, delta_alpha, n, float(n), blocks,
-            float(threshold_factor), BLOCK=BLOCK, RBLOCK=256)
+            float(threshold_factor), BLOCK=BLOCK, RBLOCK=PARTIAL_BLOCK)
     _launch(_ternary_kernel, blocks, w, y, partials, delta_alpha, delta_alpha[1:], n, blocks, BLOCK=BLOCK,
-            RBLOCK=256)
+            RBLOCK=PARTIAL_BLOCK)
     return y, delta_alpha
 
 
