@@ -417,6 +417,45 @@ def learned_alphas(scalars: dict[str, list[tuple[int, float]]]) -> dict[str, dic
     return alphas
 
 
+# Learned values that must stay positive (a step, a clip level, a range), and DSQ's alpha interval (qrun.quant.dsq).
+POSITIVE_VALUES = ("step", "alpha", "range", "scale")
+DSQ_ALPHA_BOUNDS = (1e-4, 0.5)
+
+
+def learned_values_by_layer(scalars: dict[str, list[tuple[int, float]]]) -> dict[tuple[str, str], dict[str, float]]:
+    """{(side, value name): {layer: last logged value}} from the `quant/<layer>/<side>/<name>` scalars."""
+    values: dict[tuple[str, str], dict[str, float]] = defaultdict(dict)
+    for tag, points in scalars.items():
+        parts = tag.split("/")
+        if len(parts) >= 4 and parts[0] == "quant" and points:
+            values[(parts[-2], parts[-1])]["/".join(parts[1:-2])] = points[-1][1]
+    return dict(values)
+
+
+def learned_summary(quant: str, scalars: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
+    """Per side and learned value: layers, min, median, max, and how many layers left the valid range (DSQ's
+    alpha at a bound of (0, 0.5], bounds with u <= l, a non-positive step/alpha/range)."""
+    by_layer = learned_values_by_layer(scalars)
+    summary = []
+    for (side, name), layers in sorted(by_layer.items()):
+        values = list(layers.values())
+        if quant == "dsq" and name == "alpha":
+            low, high = DSQ_ALPHA_BOUNDS
+            outside = sum(v <= low * (1 + 1e-6) or v >= high * (1 - 1e-6) for v in values)
+            rule = "at a bound of [1e-4, 0.5]"
+        elif quant == "dsq" and name == "upper":
+            lower = by_layer.get((side, "lower"), {})
+            outside = sum(layer in lower and v <= lower[layer] for layer, v in layers.items())
+            rule = "u <= l"
+        elif name in POSITIVE_VALUES:
+            outside, rule = sum(not v > 0 for v in values), "<= 0"
+        else:
+            outside, rule = None, ""
+        summary.append({"side": side, "name": name, "layers": len(values), "min": min(values),
+                        "median": statistics.median(values), "max": max(values), "outside": outside, "rule": rule})
+    return summary
+
+
 # ------------------------------------------------------------------------------------------------------ plots
 def _pyplot():
     import matplotlib
@@ -553,6 +592,8 @@ def build_report(root: Path, out: Optional[Path] = None) -> Report:
     curves = {name: series.get(TEST_TOP1_TAG, series.get(LEGACY_TOP1_TAG, [])) for name, series in scalars.items()}
     alphas = {names[job.name]: learned_alphas(scalars[names[job.name]]) for job in jobs
               if job.setting("quant", ("quant", "name")) == "dsq"}
+    learned = {job.name: learned_summary(str(job.setting("quant", ("quant", "name"))), scalars[names[job.name]])
+               for job in jobs}
     plots = []
     for made, filename in ((plot_top1_vs_bits(summary, out / PLOT_TOP1_VS_BITS), PLOT_TOP1_VS_BITS),
                            (plot_training_curves(curves, out / PLOT_CURVES), PLOT_CURVES),
@@ -561,7 +602,7 @@ def build_report(root: Path, out: Optional[Path] = None) -> Report:
             plots.append(out / filename)
     write_csv(rows, out / "report.csv")
     markdown = out / "report.md"
-    markdown.write_text(render_markdown(root, rows, summary, alphas, [p.name for p in plots]))
+    markdown.write_text(render_markdown(root, rows, summary, alphas, [p.name for p in plots], learned))
     return Report(markdown=markdown, csv=out / "report.csv", plots=plots, rows=rows, summary=summary)
 
 
@@ -581,7 +622,8 @@ EXPLANATION = (
 
 
 def render_markdown(root: Path, rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]],
-                    alphas: dict[str, dict[str, dict[str, float]]], plot_names: Sequence[str]) -> str:
+                    alphas: dict[str, dict[str, dict[str, float]]], plot_names: Sequence[str],
+                    learned: Optional[dict[str, list[dict[str, Any]]]] = None) -> str:
     counts: dict[str, int] = defaultdict(int)
     for row in rows:
         counts[row["status"]] += 1
@@ -591,6 +633,11 @@ def render_markdown(root: Path, rows: Sequence[dict[str, Any]], summary: Sequenc
     without = unfinished(rows)
     if without:
         parts += ["## Jobs without a result\n", unfinished_table(without)]
+    if learned and any(learned.values()):
+        parts += ["## Learned quantizer values\n",
+                  "The last logged value of every layer's learned quantities (TensorBoard `quant/<layer>/<side>/"
+                  "<name>`), summarised over layers; the last column counts layers outside the valid range.\n",
+                  learned_table(learned)]
     for alpha_job, layers in sorted(alphas.items()):
         if layers:
             parts.append(f"## Learned DSQ alpha: `{alpha_job}`\n")
@@ -600,6 +647,17 @@ def render_markdown(root: Path, rows: Sequence[dict[str, Any]], summary: Sequenc
     for name in plot_names:
         parts.append(f"![{name}]({name})\n")
     return "\n".join(parts)
+
+
+def learned_table(learned: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| job | side | value | layers | min | median | max | outside the valid range |",
+             "|---|---|---|---:|---:|---:|---:|---|"]
+    for job, entries in sorted(learned.items()):
+        for e in entries:
+            outside = "" if e["outside"] is None else f"{e['outside']} ({e['rule']})"
+            lines.append(f"| `{job}` | {e['side']} | {e['name']} | {e['layers']} | {_number(e['min'], 4)} | "
+                         f"{_number(e['median'], 4)} | {_number(e['max'], 4)} | {outside} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -112,6 +112,31 @@ def test_report_table_csv_and_plots(sweep: Path) -> None:
     assert "| features.4 | 0.2000 | 0.4000 |" in text and "| features.4 | 0.1000 | 0.3000 |" in text
 
 
+def test_learned_values_table_counts_layers_outside_the_valid_range(tmp_path: Path) -> None:
+    root = tmp_path / "multirun" / "learned"
+    logged = {"dsq": {"a.conv/weight/alpha": 0.5, "a.conv/act/alpha": 0.2, "b.conv/act/alpha": 0.0001,
+                      "a.conv/weight/lower": -1.0, "a.conv/weight/upper": -1.5, "b.conv/weight/lower": -1.0,
+                      "b.conv/weight/upper": 1.0},
+              "lsq": {"a.conv/weight/step": 0.01, "b.conv/weight/step": -0.002, "a.conv/act/step": 0.1}}
+    for quant, values in logged.items():
+        job = fake_job(root, f"quant-{quant}", finished(quant, 4, 85.0), config(quant, 4))
+        writer = SummaryWriter(str(job / "tb"))
+        for tag, value in values.items():
+            writer.add_scalar(f"quant/{tag}", value * 3, 1)  # overwritten by the last logged value
+            writer.add_scalar(f"quant/{tag}", value, 2)
+        writer.close()
+    text = build_report(root).markdown.read_text()
+    learned = tables(text.split("## Learned quantizer values")[1])[0]
+    assert "## Learned quantizer values" in text
+    lines = [line for line in text.splitlines() if line.startswith("| `quant-")]
+    assert "| `quant-dsq` | act | alpha | 2 | 0.0001 | 0.1001 | 0.2000 | 1 (at a bound of [1e-4, 0.5]) |" in lines
+    assert "| `quant-dsq` | weight | alpha | 1 | 0.5000 | 0.5000 | 0.5000 | 1 (at a bound of [1e-4, 0.5]) |" in lines
+    assert "| `quant-dsq` | weight | upper | 2 | -1.5000 | -0.2500 | 1.0000 | 1 (u <= l) |" in lines
+    assert "| `quant-lsq` | weight | step | 2 | -0.0020 | 0.0040 | 0.0100 | 1 (<= 0) |" in lines
+    assert "| `quant-lsq` | act | step | 1 | 0.1000 | 0.1000 | 0.1000 | 0 (<= 0) |" in lines
+    assert set(learned) == {"quant-dsq", "quant-lsq"}
+
+
 def recipe_config(quant: str, bits: int, seed: int = 0, epochs: int = 2, lr: float = 0.001,
                   train_samples: int = 3000, overrides: dict | None = None) -> dict:
     """A saved config as Hydra writes it, with the keys a baseline must share."""
