@@ -9,7 +9,9 @@
 #
 # Resumable: every run and sweep folder is stable (multirun/<root>/...), so re-running the same command skips
 # finished jobs and continues interrupted ones from their last checkpoint (auto_resume). The QAT jobs need the
-# float runs finished first; the script runs the steps in order and stops at the first failure.
+# float runs finished first: a failed float run stops the script. A QAT sweep with a failed or diverged job
+# (its results.json says so, and the report lists it) does not stop the others; the script then exits 1 after
+# the report.
 # --lanes 2: on a small CPU two single-thread processes get more done than one two-thread process (a ResNet-20 on
 # 28x28 images does not keep two threads busy); the float runs go side by side, then the QAT jobs in two lanes of
 # about equal length, each process with OMP_NUM_THREADS=1. The jobs, their folders and results are the same.
@@ -68,8 +70,16 @@ ptq() {
   $QRUN -m "sweep=$ROOT/ptq" +experiment=fmnist_resnet20_qat mode=calibrate "resume=$FLOAT" quant=affine bits=8 \
     "${COMMON[@]}"
 }
-lane_a() { main_quantizers "$BITS_A" && twn && affine_qat && xnor && ptq; }
-lane_b() { main_quantizers "$BITS_B" && distilled; }
+# Each sweep runs whatever the previous one returned (qrun -m exits 1 when one of its jobs failed or diverged).
+all_of() {
+  local failed=0
+  for step in "$@"; do "$step" || failed=1; done
+  return $failed
+}
+bits_a() { main_quantizers "$BITS_A"; }
+bits_b() { main_quantizers "$BITS_B"; }
+lane_a() { all_of bits_a twn affine_qat xnor ptq; }
+lane_b() { all_of bits_b distilled; }
 
 # Runs its arguments (shell functions) side by side with one thread each; fails if any of them failed.
 side_by_side() {
@@ -80,13 +90,16 @@ side_by_side() {
 }
 
 set -x
+QAT_FAILED=0
 if [[ $LANES == 2 ]]; then
-  side_by_side float_standard float_binary
-  side_by_side lane_a lane_b
+  side_by_side float_standard float_binary || exit 1
+  side_by_side lane_a lane_b || QAT_FAILED=1
 else
-  float_standard && float_binary
-  lane_a && lane_b
+  float_standard || exit 1
+  float_binary || exit 1
+  all_of lane_a lane_b || QAT_FAILED=1
 fi
 
 # Step 3: the table and its plots, from the jobs' own results.json files.
 $QRUN_REPORT "multirun/$ROOT" --out "$REPORT_DIR"
+exit $QAT_FAILED
