@@ -187,6 +187,7 @@ def job_row(job: Job) -> dict[str, Any]:
             "bops": job.results.get("bops"), "size_bytes": job.results.get("size_bytes"), "epochs": epochs,
             "wall_time_s": job.results.get("wall_time_s"), "status": job_status(job),
             "error": job.results.get("error"), "checkpoint": job.results.get("checkpoint"), "recipe": recipe,
+            "init_from": _config_value(job.config, ("init_from",)) if job.config else None,
             # A job without a saved config cannot be matched: it is its own experiment.
             "experiment": _key([recipe, quant_identity]) if recipe is not None else _key(["job", job.name])}
 
@@ -224,10 +225,31 @@ def _baseline_of(group: list[dict[str, Any]], fp_groups: dict[str, list[dict[str
         return None, f"none: no {HYDRA_CONFIG} to match a recipe"
     if first["mode"] != "train":
         return None, f"none: mode={first['mode']}"
+    if first.get("init_from"):
+        # QAT from a float run (the two-step recipe): the baseline is the run it started from.
+        source = _run_at(str(first["init_from"]), by_path)
+        if source is not None and source[0]["quant"] == FULL_PRECISION and source[0]["mode"] == "train":
+            return source, ""
     base = fp_groups.get(first["recipe"])
     if base is None:
+        if first.get("init_from"):
+            return None, f"none: the float run it started from (init_from={first['init_from']}) is not in this folder"
         return None, "none: no full-precision run with the same model, data, epochs and recipe"
     return base, ""
+
+
+def _run_at(location: str, by_path: dict[str, list[dict[str, Any]]]) -> Optional[list[dict[str, Any]]]:
+    """The group of the run at `location` (a run folder or a checkpoint in it), as a job saw the path: absolute,
+    or relative to where it ran, matched then by its trailing folders."""
+    path = Path(location)
+    if path.suffix == ".pt":
+        path = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    found = by_path.get(str(path.resolve()))
+    if found is not None:
+        return found
+    parts = tuple(part for part in path.parts if part not in (".", ""))
+    matches = [group for key, group in by_path.items() if parts and Path(key).parts[-len(parts):] == parts]
+    return matches[0] if len(matches) == 1 else None
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -613,8 +635,8 @@ EXPLANATION = (
     "validation split, so it is chosen on the data it is scored on). Gap: top-1 minus the mean top-1 of the "
     "full-precision (quant=none) experiment with the same model, dataset, data subset (train_samples, "
     "val_samples, val_split, subset_seed, augment), epochs and recipe (optimizer, scheduler, batch size, "
-    "init_from, label smoothing, amp); a post-training (mode=calibrate) line is compared with the float run it "
-    "calibrated. W/A bits `mixed`: layers run at different widths (quant.layer_overrides, first_last=8bit), "
+    "init_from, label smoothing, amp); a line trained from a float run in this folder (init_from=) is compared "
+    "with that run, and a post-training (mode=calibrate) line with the float run it calibrated. W/A bits `mixed`: layers run at different widths (quant.layer_overrides, first_last=8bit), "
     "listed in brackets. MACs for one input; BOPs = sum over layers of MACs x weight bits x activation bits, "
     "each layer at its own widths, float layers 32 x 32 (a conv folded with its BatchNorm counts as the "
     "quantized conv it is); size at the quantized weight widths. Failed, diverged and unfinished jobs are listed "

@@ -208,6 +208,25 @@ def test_calibrated_runs_compare_with_the_float_run_they_read(tmp_path: Path) ->
     assert summary["ptq"]["gap_top1"] == pytest.approx(-0.75) and summary["ptq"]["baseline"] == "`float`"
 
 
+def test_qat_from_a_float_run_compares_with_the_run_it_started_from(tmp_path: Path) -> None:
+    """The two-step recipe: QAT jobs with another optimizer and epochs, init_from= the float run (absolute, or
+    relative to where the sweep ran); one whose float run lives elsewhere says so."""
+    root = tmp_path / "multirun" / "table"
+    float_job = fake_job(root, "float", finished("none", 4, 92.0, epoch=8), recipe_config("none", 4, epochs=8))
+    fake_job(root / "qat", "bits-4+quant-lsq", finished("lsq", 4, 91.5, epoch=3),
+             {**recipe_config("lsq", 4, epochs=3, lr=0.01), "init_from": str(float_job)})
+    fake_job(root / "qat", "bits-2+quant-lsq", finished("lsq", 2, 90.0, epoch=3),
+             {**recipe_config("lsq", 2, epochs=3, lr=0.01), "init_from": "multirun/table/float/checkpoints/best.pt"})
+    fake_job(root / "qat", "bits-1+quant-xnor", finished("xnor", 1, 70.0, epoch=3),
+             {**recipe_config("xnor", 1, epochs=3, lr=0.01), "init_from": "multirun/elsewhere/float"})
+    summary = {row["jobs"][0]: row for row in build_report(root).summary}
+    assert summary["qat/bits-4+quant-lsq"]["gap_top1"] == pytest.approx(-0.5)
+    assert summary["qat/bits-2+quant-lsq"]["gap_top1"] == pytest.approx(-2.0)
+    assert summary["qat/bits-2+quant-lsq"]["baseline"] == "`float`"
+    xnor = summary["qat/bits-1+quant-xnor"]
+    assert xnor["gap_top1"] is None and "init_from=multirun/elsewhere/float) is not in this folder" in xnor["baseline"]
+
+
 def test_report_reads_a_real_training_run(tmp_path: Path, fashion_mnist_available: None) -> None:
     job = tmp_path / "sweep" / "bits-2+quant-dsq"
     results = run_training(["dataset.train_samples=256", "dataset.val_samples=128", "epochs=2", "batch_size=64",
