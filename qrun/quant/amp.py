@@ -65,6 +65,10 @@ class _ToLevels(Function):
             # y / s is within a few float32 ulps of the integer level; the float32 quotient, rounded once to the
             # autocast dtype on store, lands on it exactly (bf16/fp16 spacing at |k| <= 256/2048 is ~2^13 times
             # coarser), so no separate rounding pass.
+            if torch.compiler.is_compiling():
+                # The same values without out=: torch 2.11's dynamo gives a Function output written by an out= or
+                # in-place op a zero gradient. Compiled graphs fuse the cast anyway.
+                return torch.div(y, ratio).to(dtype)
             return torch.div(y, ratio, out=torch.empty_like(y, dtype=dtype))
         # y - o can lose low bits of y (|o| >> s): round() snaps the quotient to the level (before the fp16 unit).
         levels = torch.sub(y, offset).div_(ratio if unit is None else ratio * unit).round_()

@@ -307,7 +307,10 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 def sign(x: torch.Tensor) -> torch.Tensor:
     """sign with sign(0) = +1, so a binarized tensor has exactly two values."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    y = torch.where(x >= 0, 1.0, -1.0)
+    # No no-op .to(): torch 2.11's dynamo gives an autograd.Function whose forward returns such an alias (or the
+    # result of an in-place or out= op) a zero gradient (tests/test_compile.py, autocast and fp32).
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 class _SignSTE(Function):
