@@ -17,6 +17,7 @@ import contextlib
 import os
 from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -156,6 +157,26 @@ def test_grid_rounds_half_to_even(dev: str) -> None:
     assert torch.equal(y, expected)
     halves = {0.125: 0.0, 0.375: 0.5, 0.625: 0.5, -0.375: -0.5}  # x / step = 0.5, 1.5, 2.5, -1.5
     assert all(float(y[x == k]) == v for k, v in halves.items()), "halves go to the even level"
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_dorefa_half_takes_the_level_of_round_n_x_on_every_backend(bits: int, dev: str) -> None:
+    """DoReFa's quantize_k(x) = round(n x) / n, n = 2^k - 1: at x = 1/2, n x = n/2 is an exact tie (to the even
+    level), and a bf16 activation is exactly 1/2 often. x times a twice-rounded 1 / (1/n) (= n - 1 ulp) put it one
+    level low on the device path only; every backend now multiplies by n itself."""
+    n = 2**bits - 1
+    values = [0.0, 0.125, 0.25, 1.0 / 3.0, 0.5, 0.625, 0.75, 1.0]
+    expected = [float(np.round(np.float64(np.float32(v)) * n)) for v in values]
+    runs = {"triton": torch.tensor(values, device=dev)}
+    if dev == "cpu":  # beside the interpreted kernels, kernels.c and the eager reference the device path falls back to
+        runs.update(kernels_c=torch.tensor(values), tensor=torch.tensor(values))
+    for which, x in runs.items():
+        q = build_quantizer("dorefa", bits, "act").to(x.device)
+        with backend({"triton": triton_name(dev), "kernels_c": "auto", "tensor": "tensor"}[which]):
+            levels = (q(x).double() * n).round().cpu().tolist()
+        assert levels == expected, (which, levels, expected)
+    assert abs(expected[4] - n / 2) == 0.5 and expected[4] % 2 == 0, "1/2 is a tie, broken to the even level"
 
 
 @pytest.mark.parametrize("dev", DEVICES)

@@ -161,7 +161,7 @@ def range_gradients(totals, lo: float, delta: float, levels: int) -> tuple:
 def _reference_grid(x: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor, levels: int):
     lo, hi = lower.detach().float(), upper.detach().float()
     delta = (hi - lo) / torch.full_like(hi, levels)  # by a tensor: see ste.grid_reference_forward
-    inv = 1.0 / delta
+    inv = torch.full_like(hi, levels) / (hi - lo)  # rounded once, as kernels.c's 1 / Delta
     q = torch.mul(x.float(), inv).add_(0.5 - lo / delta).floor_().clamp_(0, levels)
     return q, lo, hi, delta, inv
 

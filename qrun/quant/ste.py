@@ -227,7 +227,8 @@ def grid_reference_forward(x: torch.Tensor, src: torch.Tensor, divisor: float, m
     # Divided by a tensor: CUDA divides by a Python number as a * (1/b), one ulp off the kernels' division.
     step = bound / torch.full_like(bound, divisor)
     offset = torch.zeros_like(step)
-    q = torch.mul(x.float(), 1.0 / step).round_().clamp_(qmin, qmax)
+    # x times divisor / src, rounded once (as kernels.c's double 1 / step): 1 / step would round twice.
+    q = torch.mul(x.float(), torch.full_like(bound, divisor) / bound).round_().clamp_(qmin, qmax)
     codes = None if code_shift is None else torch.sub(q, code_shift).to(torch.int8)
     affine = torch.stack([step, offset, bound * (qmin / divisor), bound * (qmax / divisor)])
     return torch.mul(q, step).add_(offset).to(x.dtype), codes, affine
@@ -248,7 +249,7 @@ def grid_reference_backward(grad: torch.Tensor, x: torch.Tensor, affine: torch.T
     grad_x = torch.where((xf >= lo) & (xf <= hi), g, zero)
     if rule == GRID_PLAIN:
         return grad_x.to(grad.dtype), None
-    q = torch.mul(xf, 1.0 / step).round_().clamp_(qmin, qmax)
+    q = torch.mul(xf, 1.0 / step).round_().clamp_(qmin, qmax)  # LSQ: divisor 1, so the forward's levels
     grad_step = ((g * q).sum() - (grad_x * xf).sum() / step) * grad_scale
     return grad_x.to(grad.dtype), grad_step
 

@@ -96,13 +96,15 @@ def _affine_of(src_ptr, hi_ptr, divisor, min_src, levels, lo_ratio, hi_ratio, DS
         lo = tl.load(src_ptr).to(tl.float32)
         hi = tl.load(hi_ptr).to(tl.float32)
         scale = tl.math.div_rn(hi - lo, levels)
-        inv = tl.math.div_rn(1.0, scale)
+        inv = tl.math.div_rn(levels, hi - lo)  # n / (u - l) rounded once, as kernels.c's 1 / Delta
         shift = 0.5 - tl.math.div_rn(lo, scale)
         offset = lo
     else:
         src = tl.maximum(tl.load(src_ptr).to(tl.float32), min_src, propagate_nan=NAN)
         scale = tl.math.div_rn(src, divisor)
-        inv = tl.math.div_rn(1.0, scale)
+        # divisor / src rounded once (what kernels.c gets from a double 1 / step): 1 / scale would round twice, and
+        # DoReFa's x = 1/2 (x * 15 = 7.5 exactly) would land on level 7 instead of round(7.5) = 8.
+        inv = tl.math.div_rn(divisor, src)
         shift = 0.0
         offset = scale * 0.0
         lo = src * lo_ratio
@@ -169,7 +171,7 @@ def _grid_backward_kernel(g_ptr, x_ptr, gx_ptr, aff_ptr, part_ptr, n, qmin, qmax
     else:
         gx = tl.where((x >= lo) & (x <= hi), g, 0.0)
         if RULE == 1:  # LSQ: sum g q and sum g_inside x
-            q = _levels(x, tl.math.div_rn(1.0, step), 0.0, qmin, qmax, False)
+            q = _levels(x, tl.math.div_rn(1.0, step), 0.0, qmin, qmax, False)  # divisor 1: the forward's inv
             s0 = tl.sum(g * q, axis=0)
             s1 = tl.sum(gx * x, axis=0)
         else:
@@ -214,7 +216,7 @@ def _dsq_backward_kernel(g_ptr, x_ptr, gx_ptr, lo_ptr, hi_ptr, alpha_ptr, part_p
     hi = tl.load(hi_ptr).to(tl.float32)
     alpha = tl.load(alpha_ptr).to(tl.float32)
     delta = tl.math.div_rn(hi - lo, levels)
-    inv = tl.math.div_rn(1.0, delta)
+    inv = tl.math.div_rn(levels, hi - lo)  # as the forward's
     shift = 0.5 - tl.math.div_rn(lo, delta)
     lo_over_delta = tl.math.div_rn(lo, delta)
     s = tl.math.div_rn(1.0, 1.0 - alpha)
