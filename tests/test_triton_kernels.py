@@ -489,9 +489,10 @@ def triton_launches() -> int:
     return 0 if module is None else module.launches
 
 
-def count_training_step(name: str, dev: str) -> dict[str, object]:
+def count_training_step(name: str, dev: str, autocast: bool = False) -> dict[str, object]:
     """One resnet20 step (forward, backward, SGD step) after initialisation and a warm-up step, W4A4 (xnor W1A1,
-    twn W2 with float inputs), quantize_input=true, batch 2 of 8x8 images, on the path CUDA takes."""
+    twn W2 with float inputs), quantize_input=true, batch 2 of 8x8 images, on the path CUDA takes; with
+    `autocast`, the forward under bf16 autocast (amp=true)."""
     from torch import nn
 
     from qrun.models import get_model
@@ -516,7 +517,8 @@ def count_training_step(name: str, dev: str) -> dict[str, object]:
             counter, launched = OpCounter(), triton_launches()
             with counter:
                 if phase == "forward":
-                    loss = nn.functional.cross_entropy(model(x), target)
+                    with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=autocast):
+                        loss = nn.functional.cross_entropy(model(x), target)
                 elif phase == "backward":
                     loss.backward()
                 else:
@@ -554,6 +556,37 @@ def test_a_training_step_on_the_device_path_never_syncs_and_adds_few_launches(de
                      f"{phases['forward'][3]}/{phases['backward'][3]}")
         assert extra["forward"] <= 2 * q and extra["backward"] <= 2 * q, lines[-1]
         assert phases["forward"][3] > 0, "the Triton kernels ran"
+    print("\n" + "\n".join(lines))
+
+
+# Extra aten launches per quantizer call under bf16 AMP (over the float model's autocast step), forward/backward,
+# measured: uniform 5.5/2, lsq 3.5/2, pact 4.5/2, dorefa 4/2, dsq 16/8, xnor 4/2.5, twn 4/1, affine 12/1. The
+# exact-levels path (qrun/quant/amp.py) costs the grid's scalars, a levels pass per quantized input, the output
+# rescale, and for grids with offsets (dsq, affine activations) window-sum convolutions and one addcmul each.
+AUTOCAST_EXTRA = {"forward": 16, "backward": 8}
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_an_autocast_training_step_on_the_device_path_never_syncs(dev: str, monkeypatch) -> None:
+    """amp=true keeps the step sync-free: the integer levels, the grid scalars and the rescale stay on the device."""
+    if dev == "cpu":
+        from qrun.quant.kernels import triton_backend
+
+        monkeypatch.setattr(triton_backend, "BLOCK", 1 << 16)
+    with backend(triton_name(dev)):
+        counts = {name: count_training_step(name, dev, autocast=True) for name in STEP_QUANTIZERS}
+    float_phases = counts["none"]["phases"]
+    lines = []
+    for name in STEP_QUANTIZERS:
+        phases, q = counts[name]["phases"], counts[name]["quantizers"]
+        assert all(p[2] == 0 for p in phases.values()), f"{name} under autocast: host syncs in a step: {phases}"
+        if name == "none":
+            continue
+        extra = {phase: (phases[phase][1] - float_phases[phase][1]) / q for phase in ("forward", "backward")}
+        lines.append(f"{name} (bf16 autocast): extra aten launches per quantizer fwd {extra['forward']:.2f} "
+                     f"bwd {extra['backward']:.2f}; Triton launches fwd/bwd {phases['forward'][3]}/"
+                     f"{phases['backward'][3]}")
+        assert all(extra[phase] <= AUTOCAST_EXTRA[phase] for phase in extra), lines[-1]
     print("\n" + "\n".join(lines))
 
 

@@ -122,5 +122,8 @@ class PACTQuantizer(Quantizer):
     def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
         if self.kind == "weight":
             return dorefa_weight_grid(y, self.bits)
-        qmax = torch.where(self.signed, float(signed_qmax(self.bits)), float(unsigned_qmax(self.bits)))
-        return IntegerGrid(self.alpha.detach() / qmax, None, unsigned_qmax(self.bits))
+        # The cached host flag, not torch.where on the buffer: under AMP this runs per layer per step, and
+        # the two scalar fills and the select were three kernel launches. Within ulps of the step: enough
+        # for the levels (qrun/quant/amp.py).
+        qmax = signed_qmax(self.bits) if self.host_flag("signed") else unsigned_qmax(self.bits)
+        return IntegerGrid(self.alpha.detach() / float(qmax), None, unsigned_qmax(self.bits))

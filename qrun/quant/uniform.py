@@ -140,5 +140,8 @@ class UniformQuantizer(Quantizer):
         if self.kind == "weight":  # max|W| sits on the top level
             qmax = signed_qmax(self.bits)
             return IntegerGrid(y.detach().abs().amax() / qmax, None, qmax)
-        qmax = torch.where(self.signed, float(signed_qmax(self.bits)), float(unsigned_qmax(self.bits)))
-        return IntegerGrid(self.range.detach() / qmax, None, unsigned_qmax(self.bits))
+        # The cached host flag, not torch.where on the buffer: under AMP this runs per layer per step, and
+        # the two scalar fills and the select were three kernel launches. Within ulps of the step: enough
+        # for the levels (qrun/quant/amp.py).
+        qmax = signed_qmax(self.bits) if self.host_flag("signed") else unsigned_qmax(self.bits)
+        return IntegerGrid(self.range.detach() / float(qmax), None, unsigned_qmax(self.bits))
