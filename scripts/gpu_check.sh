@@ -9,23 +9,28 @@
 #   4. a real 2-epoch Fashion-MNIST training of resnet20 (quant=lsq W4A4, inputs quantized) with amp=true
 #   5. one summary table (also in $OUT/summary.md, beside the logs, bench.json and the run's results.json)
 #
-#   bash scripts/gpu_check.sh [--dry-run | --quick | --cpu-rehearsal]
-#     --dry-run        print what would run, run nothing
+#   bash scripts/gpu_check.sh [--quick | --compiled | --cpu-rehearsal] [--dry-run]
 #     --quick          a rerun that fits in ~3 minutes: bench resnet18 bf16 only, 1 training epoch
+#     --compiled       the launch-bound target with compile=true, ~4 minutes: bench resnet20 bf16 of float, uniform,
+#                      lsq and dsq, every model torch.compile'd (inductor); no tests, no training
 #     --cpu-rehearsal  the same plumbing on CPU with tiny sizes (checks this script on a machine without a GPU)
+#     --dry-run        print what would run, run nothing
 # Each step has its own time limit (seconds: GPU_CHECK_PYTEST_S, GPU_CHECK_BENCH_S, GPU_CHECK_TRAIN_S); a step
 # that fails or runs out of time is reported and the next one still runs.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
-MODE="full"
-case "${1:-}" in
-    --dry-run) MODE="dry" ;;
-    --quick) MODE="quick" ;;
-    --cpu-rehearsal) MODE="cpu" ;;
-    "") ;;
-    *) echo "gpu_check.sh: error: unknown argument '$1'; accepted: --dry-run, --quick, --cpu-rehearsal" >&2; exit 2 ;;
-esac
+MODE="full"; DRY=""
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY=1 ;;
+        --quick) MODE="quick" ;;
+        --compiled) MODE="compiled" ;;
+        --cpu-rehearsal) MODE="cpu" ;;
+        *) echo "gpu_check.sh: error: unknown argument '$arg'; accepted: --quick, --compiled, --cpu-rehearsal, --dry-run" >&2
+           exit 2 ;;
+    esac
+done
 PY="${PYTHON:-python3}"
 RESULTS="${OUT:-$ROOT/.gpu/out}"  # the device tool's $OUT comes back to the caller
 SITE="${GPU_CHECK_SITE:-/tmp/qrun-site}"
@@ -35,9 +40,11 @@ export PYTHONUNBUFFERED=1
 
 BENCH_ARGS=(--models resnet18 resnet20 --precisions bf16 fp32 --rounds 30)
 PYTEST_ARGS=(-q -m gpu -p no:cacheprovider tests)
-EPOCHS=2; DEVICE=cuda; SUBSET=()
+EPOCHS=2; DEVICE=cuda; SUBSET=(); RUN_TESTS=1; RUN_TRAINING=1
 case "$MODE" in
     quick) BENCH_ARGS=(--models resnet18 --precisions bf16 --rounds 30); EPOCHS=1 ;;
+    compiled) BENCH_ARGS=(--models resnet20 --precisions bf16 --compile --only uniform lsq dsq --rounds 30)
+              BENCH_S="${GPU_CHECK_BENCH_S:-240}"; RUN_TESTS=""; RUN_TRAINING="" ;;
     cpu) BENCH_ARGS=(--cpu-smoke --only lsq ao-fq); EPOCHS=1; DEVICE=cpu
          SUBSET=(dataset.train_samples=512 dataset.val_samples=256)
          PYTEST_ARGS=(-q -m gpu -p no:cacheprovider tests/test_distributed_devices.py) ;;
@@ -50,7 +57,7 @@ STEPS=(); STATUS=(); SECONDS_TAKEN=()
 step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log to $RESULTS/LOG, record the outcome
     local name="$1" limit="$2" log="$3"; shift 3
     echo; echo "=== $name (limit ${limit}s): $*"
-    if [ "$MODE" = "dry" ]; then return 0; fi
+    if [ -n "$DRY" ]; then return 0; fi
     local start=$SECONDS rc
     timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee "$RESULTS/$log"
     rc=${PIPESTATUS[0]}
@@ -60,13 +67,13 @@ step() {  # step NAME LIMIT_S LOG COMMAND...: run with a time limit, log to $RES
 }
 
 # ------------------------------------------------------------------------------------------------- 1. set-up
-if [ "$MODE" != "dry" ]; then
+if [ -z "$DRY" ]; then
     mkdir -p "$RESULTS" "$WORK"
     ls .gpu/wheels/*.whl >/dev/null 2>&1 || { echo "gpu_check.sh: error: no wheels in $ROOT/.gpu/wheels; run scripts/gpu_prepare.sh here and carry .gpu" >&2; exit 2; }
     [ -f .gpu/fashion-mnist/train-images-idx3-ubyte.gz ] || { echo "gpu_check.sh: error: no .gpu/fashion-mnist; run scripts/gpu_prepare.sh and carry .gpu" >&2; exit 2; }
 fi
 echo "+ $PY -m pip install --no-index --no-deps --target $SITE .gpu/wheels/*.whl"
-if [ "$MODE" != "dry" ]; then
+if [ -z "$DRY" ]; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .gpu/wheels/*.whl \
         || { echo "gpu_check.sh: error: installing the carried wheels failed" >&2; exit 1; }
 fi
@@ -74,11 +81,11 @@ export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 LINKED=""
 if [ ! -e qrun/configs ]; then
     echo "+ ln -s ../configs qrun/configs"
-    if [ "$MODE" != "dry" ]; then ln -s ../configs qrun/configs && LINKED=1; fi
+    if [ -z "$DRY" ]; then ln -s ../configs qrun/configs && LINKED=1; fi
 fi
 cleanup() { [ -n "$LINKED" ] && rm -f "$ROOT/qrun/configs"; }
 trap cleanup EXIT
-if [ "$MODE" != "dry" ]; then
+if [ -z "$DRY" ]; then
     "$PY" - <<'EOF' 2>&1 | tee "$RESULTS/environment.log"
 import hydra, omegaconf, torch, triton, qrun.configs
 print(f"torch {torch.__version__}, triton {triton.__version__}, hydra {hydra.__version__}, omegaconf {omegaconf.__version__}")
@@ -88,11 +95,11 @@ EOF
 fi
 
 # ------------------------------------------------------------------------------------------ 2.-4. the checks
-step "pytest -m gpu" "$PYTEST_S" pytest.log "$PY" -m pytest "${PYTEST_ARGS[@]}"
+[ -n "$RUN_TESTS" ] && step "pytest -m gpu" "$PYTEST_S" pytest.log "$PY" -m pytest "${PYTEST_ARGS[@]}"
 step "bench_gpu.py" "$BENCH_S" bench.log "$PY" scripts/bench_gpu.py "${BENCH_ARGS[@]}" --json "$RESULTS/bench.json"
-step "train resnet20 fashion_mnist amp" "$TRAIN_S" train.log "$PY" -m qrun "${TRAIN_ARGS[@]}"
-[ "$MODE" = "dry" ] && exit 0
-[ -f "$WORK/train/results.json" ] && cp "$WORK/train/results.json" "$RESULTS/train_results.json"
+[ -n "$RUN_TRAINING" ] && step "train resnet20 fashion_mnist amp" "$TRAIN_S" train.log "$PY" -m qrun "${TRAIN_ARGS[@]}"
+[ -n "$DRY" ] && exit 0
+[ -n "$RUN_TRAINING" ] && [ -f "$WORK/train/results.json" ] && cp "$WORK/train/results.json" "$RESULTS/train_results.json"
 
 # ------------------------------------------------------------------------------------------------ 5. summary
 {
@@ -126,7 +133,7 @@ if results.is_file():
     times = ", ".join(f"{h.get('epoch_time_s', 0):.1f}s (data {100 * h.get('data_share', 0):.0f}%)" for h in epochs)
     print(f"\ntraining {r.get('model')} {r.get('quant')} W{r.get('w_bits')}A{r.get('a_bits')} on {r.get('device')}: "
           f"top1 {r.get('top1')}, epochs {r.get('epoch')}, epoch times {times}, wall {r.get('wall_time_s')}s")
-else:
+elif (out / "train.log").is_file():
     print("\ntraining: no results.json (see train.log)")
 EOF
 } | tee "$RESULTS/summary.md"

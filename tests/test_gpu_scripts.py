@@ -35,6 +35,17 @@ def test_gpu_check_dry_run_plans_tests_bench_and_training_without_running_them(t
     assert list(tmp_path.iterdir()) == []  # nothing ran
 
 
+def test_gpu_check_compiled_plans_only_the_compiled_resnet20_bench(tmp_path: Path) -> None:
+    """--compiled: the launch-bound target's compile=true measurement, for a second device call."""
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--compiled", "--dry-run"], capture_output=True,
+                            text=True, timeout=30, env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("=== ")]
+    assert len(steps) == 1 and "scripts/bench_gpu.py --models resnet20 --precisions bf16 --compile" in steps[0]
+    assert "(limit 240s)" in steps[0] and "-m pytest" not in result.stdout and "-m qrun" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_gpu_prepare_dry_run_fetches_the_pinned_wheels_and_the_data() -> None:
     result = subprocess.run(["bash", str(SCRIPTS / "gpu_prepare.sh"), "--dry-run"], capture_output=True, text=True,
                             timeout=60)
