@@ -16,7 +16,7 @@ from qrun import engine, guard
 from qrun.config import validate
 from qrun.errors import QrunError
 from qrun.models import get_model
-from qrun.quant import QuantConv2d, QuantLinear, build_quantizer, initialize_from_data, quantize_model
+from qrun.quant import QuantConv2d, QuantLinear, build_quantizer, initialize_from_data, kernels, quantize_model
 from qrun.quant.base import IntegerGrid, Quantizer, quantizer_class
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -158,6 +158,20 @@ def check_layer(name: str, bits: int, layer_type: str, dtype: torch.dtype, devic
 def test_the_conv_under_autocast_sees_exactly_the_fp32_levels(name: str, bits: int, layer_type: str,
                                                               dtype_name: str) -> None:
     check_layer(name, bits, layer_type, DTYPES[dtype_name])
+
+
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name, bits", [(name, bits) for name in QUANTIZERS for bits in accepted_bits(name)
+                                        if bits in (1, 2, 4, 8, 9)])
+def test_on_the_device_path_the_conv_sees_exactly_the_fp32_levels(name: str, bits: int, dtype_name: str) -> None:
+    """The path CUDA takes (forced here with its eager reference): its codes carry the device affine, and the bf16
+    levels are decoded from them by the device decode, not from kernels.c's codes."""
+    previous = kernels.forced()
+    kernels.set_backend("tensor")
+    try:
+        check_layer(name, bits, "conv", DTYPES[dtype_name])
+    finally:
+        kernels.set_backend(previous)
 
 
 @pytest.mark.gpu

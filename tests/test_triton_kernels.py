@@ -560,9 +560,10 @@ def test_a_training_step_on_the_device_path_never_syncs_and_adds_few_launches(de
 
 
 # Extra aten launches per quantizer call under bf16 AMP (over the float model's autocast step), forward/backward,
-# measured: uniform 5.5/2, lsq 3.5/2, pact 4.5/2, dorefa 4/2, dsq 16/8, xnor 4/2.5, twn 4/1, affine 12/1. The
-# exact-levels path (qrun/quant/amp.py) costs the grid's scalars, a levels pass per quantized input, the output
-# rescale, and for grids with offsets (dsq, affine activations) window-sum convolutions and one addcmul each.
+# measured: uniform 5/2, lsq 3/2, pact 4/2, dorefa 3.5/2, dsq 14/8, xnor 3.5/2.5, twn 4/1, affine 12/1 (the
+# activations' levels are one Triton decode of their codes, beside these). The exact-levels path
+# (qrun/quant/amp.py) costs the grid's scalars, the weight's levels, the output rescale, and for grids with
+# offsets (dsq, affine activations) window-sum convolutions and one addcmul each.
 AUTOCAST_EXTRA = {"forward": 16, "backward": 8}
 
 

@@ -9,7 +9,8 @@ off. So under autocast:
    power of two, so the conv output stays in fp16's range) and applies scales and offsets to the conv output:
        conv(o_a + s_a k_a, o_w + s_w k_w) = s_a s_w conv(k_a, k_w) + s_a o_w conv(k_a, 1)
                                             + o_a s_w conv(M, k_w) + o_a o_w conv(M, 1)
-   with M the input's support (ones, zero in the padding, where y is 0 and not o_a);
+   with M the input's support (ones, zero in the padding, where y is 0 and not o_a); an activation whose
+   quantizer attached its 1-byte codes (training, bf16) gets its levels from them;
 3. otherwise (a grid too fine for the dtype, or no integer form) the layer runs its conv in float32.
 The gradients are the float layer's: d/dy of the rescaled integer conv is the conv's gradient with the weight y_w.
 """
@@ -79,9 +80,41 @@ class _ToLevels(Function):
         return torch.div(grad, ctx.ratio), None, None, None, None
 
 
+class _CodesToLevels(Function):
+    """y's levels from the 1-byte codes its quantizer attached (q = codes + shift, the level `integer_grid`
+    describes): exact by construction, and one pass reading 1 byte per element instead of y's 4 (and, for a grid
+    with an offset, instead of four passes: subtract, divide, round, cast). Backward: grad / ratio, as _ToLevels."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, codes: Codes, ratio: torch.Tensor) -> torch.Tensor:
+        ctx.ratio = ratio.reshape(1) if ratio.dim() == 0 else ratio
+        if codes.affine is not None:  # the device path's codes: its decode kernel with the unit affine [1, 0]
+            from qrun.quant.kernels import device
+
+            return device.decode(codes.codes, _unit_affine(codes.codes.device), codes.shift, torch.bfloat16)
+        return torch.add(codes.codes.to(torch.bfloat16), codes.shift)  # |q| <= 256: exact in bf16
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return torch.div(grad, ctx.ratio), None, None
+
+
+_UNIT_AFFINE: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_affine(device: torch.device) -> torch.Tensor:
+    """[1, 0] (scale, offset) on `device`, made once: a tensor made per call would be a host-to-device copy."""
+    if device not in _UNIT_AFFINE:
+        _UNIT_AFFINE[device] = torch.tensor([1.0, 0.0, 0.0, 0.0], device=device)
+    return _UNIT_AFFINE[device]
+
+
 def to_levels(y: torch.Tensor, grid: IntegerGrid, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(the levels fed to the conv, the factor that turns them back into y's scale)."""
     ratio, unit = grid.scale.float().clamp_min(TINY), None
+    codes = getattr(y, CODES_ATTR, None)
+    if codes is not None and dtype == torch.bfloat16 and not torch.compiler.is_compiling():
+        return _CodesToLevels.apply(y, codes, ratio), ratio
     if dtype == torch.float16:  # scale = m 2^e, m in [0.5, 1): feed k 2^e, keep m
         unit = torch.ldexp(torch.ones_like(ratio), torch.frexp(ratio).exponent.clamp(*FP16_EXPONENTS))
         ratio = ratio / unit
