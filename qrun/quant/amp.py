@@ -103,9 +103,11 @@ _UNIT_AFFINE: dict[torch.device, torch.Tensor] = {}
 
 
 def _unit_affine(device: torch.device) -> torch.Tensor:
-    """[1, 0] (scale, offset) on `device`, made once: a tensor made per call would be a host-to-device copy."""
+    """[1, 0] (scale, offset) on `device`, made once, by fills: torch.tensor([...]) would be a host-to-device copy."""
     if device not in _UNIT_AFFINE:
-        _UNIT_AFFINE[device] = torch.tensor([1.0, 0.0, 0.0, 0.0], device=device)
+        unit = torch.zeros(4, device=device)
+        unit[:1].fill_(1.0)
+        _UNIT_AFFINE[device] = unit
     return _UNIT_AFFINE[device]
 
 
