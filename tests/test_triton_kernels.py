@@ -532,14 +532,19 @@ def count_training_step(name: str, dev: str, autocast: bool = False) -> dict[str
     return {"phases": phases(), "quantizers": sum(1 for _ in quantizers(model))}
 
 
-@pytest.mark.parametrize("dev", DEVICES)
-def test_a_training_step_on_the_device_path_never_syncs_and_adds_few_launches(dev: str, monkeypatch) -> None:
+def step_counts_on_the_device_path(dev: str, monkeypatch, autocast: bool = False) -> dict[str, dict]:
+    """count_training_step for float and every quantizer, on the Triton backend CUDA takes."""
     if dev == "cpu":  # one interpreted program per launch (its cost is per program, not per element)
         from qrun.quant.kernels import triton_backend
 
         monkeypatch.setattr(triton_backend, "BLOCK", 1 << 16)
     with backend(triton_name(dev)):
-        counts = {name: count_training_step(name, dev) for name in STEP_QUANTIZERS}
+        return {name: count_training_step(name, dev, autocast) for name in STEP_QUANTIZERS}
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_a_training_step_on_the_device_path_never_syncs_and_adds_few_launches(dev: str, monkeypatch) -> None:
+    counts = step_counts_on_the_device_path(dev, monkeypatch)
     float_phases = counts["none"]["phases"]
     lines = []
     for name in STEP_QUANTIZERS:
@@ -570,12 +575,7 @@ AUTOCAST_EXTRA = {"forward": 16, "backward": 8}
 @pytest.mark.parametrize("dev", DEVICES)
 def test_an_autocast_training_step_on_the_device_path_never_syncs(dev: str, monkeypatch) -> None:
     """amp=true keeps the step sync-free: the integer levels, the grid scalars and the rescale stay on the device."""
-    if dev == "cpu":
-        from qrun.quant.kernels import triton_backend
-
-        monkeypatch.setattr(triton_backend, "BLOCK", 1 << 16)
-    with backend(triton_name(dev)):
-        counts = {name: count_training_step(name, dev, autocast=True) for name in STEP_QUANTIZERS}
+    counts = step_counts_on_the_device_path(dev, monkeypatch, autocast=True)
     float_phases = counts["none"]["phases"]
     lines = []
     for name in STEP_QUANTIZERS:

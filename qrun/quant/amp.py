@@ -25,7 +25,7 @@ from torch.autograd import Function
 from torch.nn import functional as F
 
 from qrun.quant.base import IntegerGrid
-from qrun.quant.ste import CODES_ATTR, Codes, saving_codes
+from qrun.quant.ste import CODES_ATTR, Codes, levels_of, saving_codes
 
 if TYPE_CHECKING:
     from qrun.quant.layers import QuantizedLayer
@@ -92,7 +92,7 @@ class _CodesToLevels(Function):
             from qrun.quant.kernels import device
 
             return device.decode(codes.codes, _unit_affine(codes.codes.device), codes.shift, torch.bfloat16)
-        return torch.add(codes.codes.to(torch.bfloat16), codes.shift)  # |q| <= 256: exact in bf16
+        return levels_of(codes.codes, codes.shift, torch.bfloat16)  # |q| <= 256: exact in bf16
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):

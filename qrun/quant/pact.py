@@ -24,7 +24,9 @@ from qrun.quant.kernels import device, device_path
 from qrun.quant.ste import (
     CODES_ATTR, GRID_PACT, above, below, grid_backward, grid_codes, scalar, sum_above, with_codes,
 )
-from qrun.quant.uniform import RangeObserver, require_signed_bits, signed_qmax, unsigned_qmax
+from qrun.quant.uniform import (
+    RangeObserver, activation_grid, require_signed_bits, signed_qmax, unsigned_qmax,
+)
 
 MIN_ALPHA = 1e-6
 
@@ -122,8 +124,4 @@ class PACTQuantizer(Quantizer):
     def integer_grid(self, y: torch.Tensor) -> IntegerGrid:
         if self.kind == "weight":
             return dorefa_weight_grid(y, self.bits)
-        # The cached host flag, not torch.where on the buffer: under AMP this runs per layer per step, and
-        # the two scalar fills and the select were three kernel launches. Within ulps of the step: enough
-        # for the levels (qrun/quant/amp.py).
-        qmax = signed_qmax(self.bits) if self.host_flag("signed") else unsigned_qmax(self.bits)
-        return IntegerGrid(self.alpha.detach() / float(qmax), None, unsigned_qmax(self.bits))
+        return activation_grid(self.alpha, self.bits, self.host_flag("signed"))

@@ -28,6 +28,16 @@ def unsigned_qmax(bits: int) -> int:
     return 2**bits - 1
 
 
+def activation_grid(bound: torch.Tensor, bits: int, signed: bool) -> IntegerGrid:
+    """The integer grid of an activation clipped at `bound` (uniform's range, PACT's alpha): step bound / qmax.
+
+    `signed` is the quantizer's cached host flag: under AMP this runs per layer per step, where torch.where on
+    the buffer cost three kernel launches. The step is within ulps of the kernels', enough for the levels
+    (qrun/quant/amp.py)."""
+    qmax = signed_qmax(bits) if signed else unsigned_qmax(bits)
+    return IntegerGrid(bound.detach() / float(qmax), None, unsigned_qmax(bits))
+
+
 def require_signed_bits(name: str, bits: int, what: str) -> None:
     """A signed grid with zero and a positive level needs 2 bits; binary signed grids are xnor/dorefa's job."""
     if bits < 2:
@@ -140,8 +150,4 @@ class UniformQuantizer(Quantizer):
         if self.kind == "weight":  # max|W| sits on the top level
             qmax = signed_qmax(self.bits)
             return IntegerGrid(y.detach().abs().amax() / qmax, None, qmax)
-        # The cached host flag, not torch.where on the buffer: under AMP this runs per layer per step, and
-        # the two scalar fills and the select were three kernel launches. Within ulps of the step: enough
-        # for the levels (qrun/quant/amp.py).
-        qmax = signed_qmax(self.bits) if self.host_flag("signed") else unsigned_qmax(self.bits)
-        return IntegerGrid(self.range.detach() / float(qmax), None, unsigned_qmax(self.bits))
+        return activation_grid(self.range, self.bits, self.host_flag("signed"))
